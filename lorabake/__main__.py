@@ -1,0 +1,3 @@
+from lorabake.cli import main
+
+main()

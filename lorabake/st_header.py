@@ -1,0 +1,212 @@
+"""The safetensors header: parse and validate it completely before any tensor byte is read.
+
+Layout: u64 little-endian header length N, N bytes of UTF-8 JSON, then the data section.
+Every rule the format implies is checked here, so the reader and writer can trust a `Header`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+
+from lorabake import dtypes
+from lorabake.errors import HeaderError
+
+# Same cap as the safetensors library: a larger header is refused before it is read.
+MAX_HEADER_BYTES = 100_000_000
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor's header entry. `start`/`end` are offsets into the data section."""
+
+    name: str
+    dtype: str  # safetensors tag, e.g. "F16"
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class Header:
+    path: str
+    metadata: dict[str, str]
+    tensors: dict[str, TensorInfo]  # in data-offset (file) order
+    data_offset: int  # absolute file offset of the data section
+    file_size: int
+    header_bytes: bytes = field(repr=False, default=b"")
+
+    @property
+    def data_size(self) -> int:
+        return self.file_size - self.data_offset
+
+
+def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    seen: dict[str, object] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _Duplicate(key)
+        seen[key] = value
+    return seen
+
+
+class _Duplicate(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def read_header(path: str | os.PathLike) -> Header:
+    """Open `path`, read and validate its header. Raises `HeaderError` naming the problem."""
+    path = os.fspath(path)
+    with open(path, "rb") as fh:
+        file_size = os.fstat(fh.fileno()).st_size
+        if file_size == 0:
+            raise HeaderError("file is empty, not a safetensors file", path=path)
+        if file_size < 8:
+            raise HeaderError(f"file is {file_size} bytes, shorter than the 8-byte header length", path=path)
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        if header_len > MAX_HEADER_BYTES:
+            raise HeaderError(
+                f"header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte cap", path=path
+            )
+        if 8 + header_len > file_size:
+            raise HeaderError(
+                f"header length {header_len} runs past the end of the {file_size}-byte file", path=path
+            )
+        raw = fh.read(header_len)
+    return parse_header(raw, path=path, file_size=file_size)
+
+
+def parse_header(raw: bytes, *, path: str, file_size: int) -> Header:
+    """Validate header bytes `raw` of a file of `file_size` bytes."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise HeaderError(f"header is not valid UTF-8 (byte {exc.start})", path=path) from None
+    try:
+        doc = json.loads(text, object_pairs_hook=_reject_duplicates)
+    except _Duplicate as dup:
+        raise HeaderError("header names this tensor twice", path=path, tensor=dup.key) from None
+    except json.JSONDecodeError as exc:
+        raise HeaderError(f"header is not valid JSON ({exc.msg} at char {exc.pos})", path=path) from None
+    if not isinstance(doc, dict):
+        raise HeaderError(f"header is a JSON {type(doc).__name__}, not an object", path=path)
+
+    metadata = doc.pop("__metadata__", {})
+    if not isinstance(metadata, dict):
+        raise HeaderError("__metadata__ is not an object of strings", path=path)
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            raise HeaderError(
+                f"__metadata__ value for {key!r} is a {type(value).__name__}, not a string", path=path
+            )
+
+    data_offset = 8 + len(raw)
+    data_size = file_size - data_offset
+    infos = [_entry(name, entry, path) for name, entry in doc.items()]
+    infos.sort(key=lambda t: (t.start, t.end))
+    cursor = 0
+    for info in infos:
+        if info.start < cursor:
+            raise HeaderError(
+                f"data span [{info.start}, {info.end}) overlaps the previous tensor (ends at {cursor})",
+                path=path,
+                tensor=info.name,
+            )
+        if info.start > cursor:
+            raise HeaderError(
+                f"gap of {info.start - cursor} bytes before this tensor's data at {info.start}",
+                path=path,
+                tensor=info.name,
+            )
+        if info.end > data_size:
+            raise HeaderError(
+                f"data span [{info.start}, {info.end}) runs past the end of the data section "
+                f"({data_size} bytes)",
+                path=path,
+                tensor=info.name,
+            )
+        cursor = info.end
+    if cursor != data_size:
+        raise HeaderError(
+            f"{data_size - cursor} trailing bytes after the last tensor's data", path=path
+        )
+    return Header(
+        path=path,
+        metadata=dict(metadata),
+        tensors={t.name: t for t in infos},
+        data_offset=data_offset,
+        file_size=file_size,
+        header_bytes=bytes(raw),
+    )
+
+
+def _entry(name: str, entry: object, path: str) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise HeaderError("header entry is not an object", path=path, tensor=name)
+    tag = entry.get("dtype")
+    shape = entry.get("shape")
+    offsets = entry.get("data_offsets")
+    if not isinstance(tag, str) or tag not in dtypes.BY_TAG:
+        raise HeaderError(f"unknown dtype {tag!r}", path=path, tensor=name)
+    if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+        raise HeaderError(f"shape {shape!r} is not a list of non-negative integers", path=path, tensor=name)
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_uint(o) for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise HeaderError(f"data_offsets {offsets!r} is not [begin, end] with begin <= end", path=path, tensor=name)
+    extra = set(entry) - {"dtype", "shape", "data_offsets"}
+    if extra:
+        raise HeaderError(f"unexpected header fields {sorted(extra)}", path=path, tensor=name)
+    info = TensorInfo(name, tag, tuple(shape), offsets[0], offsets[1])
+    expected = dtypes.nbytes(tag, info.shape)
+    if expected != info.nbytes:
+        raise HeaderError(
+            f"shape {list(info.shape)} of {tag} needs {expected} bytes but its span holds {info.nbytes}",
+            path=path,
+            tensor=name,
+        )
+    return info
+
+
+def _is_uint(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def encode_header(
+    entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None
+) -> tuple[bytes, list[tuple[int, int]]]:
+    """JSON header bytes (padded with spaces to a multiple of 8) and the data spans, offsets from 0.
+
+    Same spelling as the safetensors library: compact JSON, `__metadata__` first, then the
+    tensors in the given order with contiguous offsets.
+    """
+    doc: dict[str, object] = {}
+    if metadata:
+        doc["__metadata__"] = dict(metadata)
+    spans = []
+    cursor = 0
+    for name, tag, shape in entries:
+        size = dtypes.nbytes(tag, shape)
+        spans.append((cursor, cursor + size))
+        doc[name] = {"dtype": tag, "shape": list(shape), "data_offsets": [cursor, cursor + size]}
+        cursor += size
+    raw = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    pad = (-(8 + len(raw))) % 8
+    return raw + b" " * pad, spans

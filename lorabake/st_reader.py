@@ -1,0 +1,268 @@
+"""Read safetensors one tensor at a time, with positional reads into fresh buffers.
+
+No mmap: pages of an mmap stay in the process's resident set, so reading a 23 GB checkpoint
+through one would grow RSS to the file size. `pread` into a new buffer per tensor keeps peak
+memory at the largest tensor (plus the read-ahead budget).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from lorabake import dtypes
+from lorabake.errors import HeaderError, InputError
+from lorabake.st_header import Header, TensorInfo, read_header
+
+# Pickle-based formats: refused, never unpickled.
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+
+
+def check_input_path(path: str) -> None:
+    """Refuse paths we must not or cannot read, with a hint for each case."""
+    if not os.path.exists(path):
+        raise InputError("no such file or directory", path=path)
+    if path.lower().endswith(PICKLE_SUFFIXES):
+        raise InputError(
+            "pickle checkpoints are refused: loading one can run arbitrary code",
+            path=path,
+            hint="convert it to .safetensors first with a tool you trust",
+        )
+    if os.path.isdir(path):
+        raise InputError(
+            "is a directory without a *.safetensors.index.json or diffusers model_index.json", path=path
+        )
+
+
+@dataclass(frozen=True)
+class Located:
+    """Where one logical tensor lives: the shard's header and the entry in it."""
+
+    header: Header
+    info: TensorInfo
+
+
+class SafetensorsReader:
+    """One logical safetensors model: a single file, a sharded index, or a diffusers folder.
+
+    `tensors` maps every logical name to its `TensorInfo` in read order (shard by shard, file
+    order within a shard). Tensors come back as CPU tensors owning a fresh buffer.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        self._fds: dict[str, int] = {}
+        self._where: dict[str, Located] = {}
+        self.headers: list[Header] = []
+        self.layout = "file"
+        for prefix, shard in _shards_of(self.path):
+            header = read_header(shard)
+            self.headers.append(header)
+            for name, info in header.tensors.items():
+                logical = prefix + name
+                if logical in self._where:
+                    raise HeaderError(
+                        "tensor appears in two shards", path=shard, tensor=logical
+                    )
+                self._where[logical] = Located(header, info)
+        if os.path.isdir(self.path):
+            self.layout = "diffusers" if _diffusers_components(self.path) else "sharded"
+        elif self.path.endswith(".index.json"):
+            self.layout = "sharded"
+        self.tensors: dict[str, TensorInfo] = {n: loc.info for n, loc in self._where.items()}
+        self.metadata: dict[str, str] = dict(self.headers[0].metadata) if len(self.headers) == 1 else {}
+        if len(self.headers) > 1:
+            for h in self.headers:
+                self.metadata.update(h.metadata)
+
+    # -- sizes ---------------------------------------------------------------------------
+    @property
+    def file_size(self) -> int:
+        return sum(h.file_size for h in self.headers)
+
+    @property
+    def data_size(self) -> int:
+        return sum(h.data_size for h in self.headers)
+
+    def files(self) -> list[str]:
+        return [h.path for h in self.headers]
+
+    # -- reading -------------------------------------------------------------------------
+    def _fd(self, path: str) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY)
+            self._fds[path] = fd
+        return fd
+
+    def read_bytes(self, name: str) -> bytearray:
+        """The raw bytes of tensor `name`, in a buffer of its own."""
+        loc = self._where[name]
+        buf = bytearray(loc.info.nbytes)
+        view = memoryview(buf)
+        fd = self._fd(loc.header.path)
+        pos = loc.header.data_offset + loc.info.start
+        done = 0
+        while done < len(buf):
+            got = os.preadv(fd, [view[done:]], pos + done)
+            if got == 0:
+                raise HeaderError(
+                    "file ended while reading this tensor (was it truncated after opening?)",
+                    path=loc.header.path,
+                    tensor=name,
+                )
+            done += got
+        return buf
+
+    def read(self, name: str) -> torch.Tensor:
+        """Tensor `name` as a CPU torch tensor (its own memory, no mmap)."""
+        return to_tensor(self.read_bytes(name), self.tensors[name])
+
+    def iter_bytes(
+        self, names: Iterable[str], *, readahead_bytes: int = 0
+    ) -> Iterator[tuple[str, bytearray]]:
+        """Yield (name, raw bytes) in the given order; read ahead on a thread within a byte budget.
+
+        With `readahead_bytes=0` reads happen on the caller's thread. Otherwise a reader thread
+        stays ahead while the tensors it has read but not yet handed over fit in the budget (one
+        tensor larger than the budget is still read, alone).
+        """
+        names = list(names)
+        if readahead_bytes <= 0:
+            for name in names:
+                yield name, self.read_bytes(name)
+            return
+        yield from _prefetch(self, names, readahead_bytes)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def to_tensor(buf: bytearray, info: TensorInfo) -> torch.Tensor:
+    dt = dtypes.BY_TAG[info.dtype].torch
+    if dt is None:
+        raise HeaderError(f"torch cannot represent dtype {info.dtype}", tensor=info.name)
+    if info.numel == 0:
+        return torch.empty(info.shape, dtype=dt)
+    return torch.frombuffer(buf, dtype=dt).reshape(info.shape)
+
+
+def _prefetch(reader: SafetensorsReader, names: list[str], budget: int) -> Iterator[tuple[str, bytearray]]:
+    done = object()
+    slots = threading.Condition()
+    in_flight = [0]
+    out: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for name in names:
+                size = reader.tensors[name].nbytes
+                with slots:
+                    slots.wait_for(lambda: stop.is_set() or in_flight[0] == 0 or in_flight[0] + size <= budget)
+                    if stop.is_set():
+                        return
+                    in_flight[0] += size
+                out.put((name, reader.read_bytes(name)))
+            out.put(done)
+        except BaseException as exc:  # handed to the consumer, re-raised there
+            out.put(exc)
+
+    thread = threading.Thread(target=work, name="lorabake-readahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = out.get()
+            if item is done:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            name, buf = item
+            with slots:
+                in_flight[0] -= len(buf)
+                slots.notify_all()
+            yield name, buf
+    finally:
+        stop.set()
+        with slots:
+            slots.notify_all()
+        thread.join()
+
+
+# -- sharded and folder layouts ------------------------------------------------------------
+_DIFFUSERS_WEIGHT_FILES = ("diffusion_pytorch_model", "model")
+
+
+def _diffusers_components(folder: str) -> list[str]:
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        return []
+    comps = []
+    for entry in sorted(os.listdir(folder)):
+        sub = os.path.join(folder, entry)
+        if os.path.isdir(sub) and _weights_in(sub):
+            comps.append(entry)
+    return comps
+
+
+def _weights_in(folder: str) -> str | None:
+    for stem in _DIFFUSERS_WEIGHT_FILES:
+        for suffix in (".safetensors.index.json", ".safetensors"):
+            candidate = os.path.join(folder, stem + suffix)
+            if os.path.isfile(candidate):
+                return candidate
+    return None
+
+
+def _index_shards(index_path: str) -> list[str]:
+    try:
+        with open(index_path, encoding="utf-8") as fh:
+            doc = json.load(fh)
+        weight_map = doc["weight_map"]
+        files = list(dict.fromkeys(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise HeaderError(f"not a valid safetensors index ({exc})", path=index_path) from None
+    folder = os.path.dirname(index_path)
+    shards = []
+    for name in files:
+        if not isinstance(name, str) or os.path.basename(name) != name:
+            raise HeaderError(f"index names a shard outside its folder: {name!r}", path=index_path)
+        shards.append(os.path.join(folder, name))
+    for shard in shards:
+        if not os.path.isfile(shard):
+            raise InputError("shard named by the index is missing", path=shard)
+    return shards
+
+
+def _shards_of(path: str) -> list[tuple[str, str]]:
+    """(name prefix, file) pairs that make up the logical model at `path`."""
+    if os.path.isdir(path):
+        comps = _diffusers_components(path)
+        if comps:
+            out = []
+            for comp in comps:
+                weights = _weights_in(os.path.join(path, comp))
+                files = _index_shards(weights) if weights.endswith(".index.json") else [weights]
+                out += [(comp + ".", f) for f in files]
+            return out
+        indexes = [f for f in sorted(os.listdir(path)) if f.endswith(".safetensors.index.json")]
+        if len(indexes) == 1:
+            return [("", f) for f in _index_shards(os.path.join(path, indexes[0]))]
+        check_input_path(path + os.sep)  # raises the directory error
+    if path.endswith(".index.json"):
+        return [("", f) for f in _index_shards(path)]
+    check_input_path(path)
+    return [("", path)]

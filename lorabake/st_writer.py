@@ -1,0 +1,227 @@
+"""Write a safetensors file whose header is declared up front, atomically.
+
+The writer knows every (name, dtype, shape) and the metadata before the first byte, writes the
+header, then accepts tensors strictly in the declared order and size. Bytes go to a temporary
+file beside the target (named `.<target>.lorabake-tmp-<pid>`), which is fsynced and renamed
+onto the target only when complete. Any exception, KeyboardInterrupt included, removes it.
+SHA-256 of the whole file and of the data section are computed while writing.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import struct
+from collections.abc import Iterable
+
+import torch
+
+from lorabake import dtypes
+from lorabake.errors import OutputError, WriterProtocolError
+from lorabake.st_header import encode_header
+
+TMP_MARKER = ".lorabake-tmp-"
+
+
+def temp_path_for(target: str) -> str:
+    folder, base = os.path.split(os.path.abspath(target))
+    return os.path.join(folder, f".{base}{TMP_MARKER}{os.getpid()}")
+
+
+def check_output_path(target: str, *, inputs: Iterable[str] = (), force: bool = False) -> None:
+    """Refuse an output that is an input, exists (without force), or has no writable folder."""
+    target_abs = os.path.abspath(target)
+    for src in inputs:
+        if os.path.exists(src) and os.path.exists(target_abs) and os.path.samefile(src, target_abs):
+            raise OutputError("output path is one of the inputs", path=target, hint="choose another -o")
+        if os.path.abspath(src) == target_abs:
+            raise OutputError("output path is one of the inputs", path=target, hint="choose another -o")
+    if os.path.isdir(target_abs):
+        raise OutputError("output path is a directory", path=target)
+    if os.path.exists(target_abs) and not force:
+        raise OutputError("output file exists", path=target, hint="pass --force to overwrite it")
+    folder = os.path.dirname(target_abs)
+    if not os.path.isdir(folder):
+        raise OutputError("output directory does not exist", path=folder)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError("output directory is not writable", path=folder)
+
+
+class SafetensorsWriter:
+    """Use as a context manager; call `write` for each declared tensor in order."""
+
+    def __init__(
+        self,
+        target: str | os.PathLike,
+        entries: list[tuple[str, str, tuple[int, ...]]],
+        metadata: dict[str, str] | None = None,
+        *,
+        inputs: Iterable[str] = (),
+        force: bool = False,
+        check_space: bool = True,
+    ) -> None:
+        self.target = os.fspath(target)
+        check_output_path(self.target, inputs=inputs, force=force)
+        names = [e[0] for e in entries]
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise WriterProtocolError("declared twice", path=self.target, tensor=dup)
+        for name, tag, _shape in entries:
+            if tag not in dtypes.BY_TAG:
+                raise WriterProtocolError(f"unknown dtype {tag!r}", path=self.target, tensor=name)
+        self.entries = [(n, t, tuple(s)) for n, t, s in entries]
+        self.header_bytes, self.spans = encode_header(self.entries, metadata)
+        self.data_size = self.spans[-1][1] if self.spans else 0
+        self.total_size = 8 + len(self.header_bytes) + self.data_size
+        if check_space:
+            folder = os.path.dirname(os.path.abspath(self.target))
+            free = shutil.disk_usage(folder).free
+            if free < self.total_size:
+                raise OutputError(
+                    f"not enough free space: the output needs {self.total_size} bytes, "
+                    f"{free} are free",
+                    path=folder,
+                )
+        self.tmp = temp_path_for(self.target)
+        self._next = 0
+        self._file = None
+        self._sha_file = hashlib.sha256()
+        self._sha_data = hashlib.sha256()
+        self.sha256: str | None = None
+        self.data_sha256: str | None = None
+
+    def __enter__(self) -> SafetensorsWriter:
+        self._open()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    def _open(self) -> None:
+        try:
+            self._file = open(self.tmp, "wb")
+            prefix = struct.pack("<Q", len(self.header_bytes)) + self.header_bytes
+            self._raw_write(prefix, data=False)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _raw_write(self, chunk: bytes | bytearray | memoryview, *, data: bool) -> None:
+        try:
+            self._file.write(chunk)
+        except OSError as exc:
+            raise _os_error(exc, self.target) from None
+        self._sha_file.update(chunk)
+        if data:
+            self._sha_data.update(chunk)
+
+    @property
+    def next_name(self) -> str | None:
+        return self.entries[self._next][0] if self._next < len(self.entries) else None
+
+    def write(self, name: str, data: torch.Tensor | bytes | bytearray | memoryview) -> None:
+        """Append tensor `name`, which must be the next declared one, with its declared layout."""
+        if self._file is None:
+            raise WriterProtocolError("writer is not open", path=self.target, tensor=name)
+        if self._next >= len(self.entries):
+            raise WriterProtocolError("more tensors than declared", path=self.target, tensor=name)
+        exp_name, tag, shape = self.entries[self._next]
+        if name != exp_name:
+            raise WriterProtocolError(
+                f"out of order: expected {exp_name!r} next", path=self.target, tensor=name
+            )
+        if isinstance(data, torch.Tensor):
+            if dtypes.tag_of(data.dtype) != tag:
+                raise WriterProtocolError(
+                    f"dtype {dtypes.tag_of(data.dtype)} differs from the declared {tag}",
+                    path=self.target,
+                    tensor=name,
+                )
+            if tuple(data.shape) != shape:
+                raise WriterProtocolError(
+                    f"shape {list(data.shape)} differs from the declared {list(shape)}",
+                    path=self.target,
+                    tensor=name,
+                )
+            data = tensor_bytes(data)
+        start, end = self.spans[self._next]
+        if len(data) != end - start:
+            raise WriterProtocolError(
+                f"{len(data)} bytes given, {end - start} declared", path=self.target, tensor=name
+            )
+        self._raw_write(data, data=True)
+        self._next += 1
+
+    def commit(self) -> None:
+        """Check completeness, fsync, rename onto the target, fsync the folder."""
+        if self._file is None:
+            return
+        try:
+            if self._next != len(self.entries):
+                raise WriterProtocolError(
+                    f"closed after {self._next} of {len(self.entries)} declared tensors",
+                    path=self.target,
+                    tensor=self.entries[self._next][0],
+                )
+            try:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
+                self._file = None
+                os.replace(self.tmp, self.target)
+            except OSError as exc:
+                raise _os_error(exc, self.target) from None
+            _fsync_dir(os.path.dirname(os.path.abspath(self.target)))
+        except BaseException:
+            self.abort()
+            raise
+        self.sha256 = self._sha_file.hexdigest()
+        self.data_sha256 = self._sha_data.hexdigest()
+
+    def abort(self) -> None:
+        """Remove the temporary file; nothing appears at the target."""
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """Little-endian bytes of a CPU tensor without a copy when it is already contiguous."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
+
+
+def _os_error(exc: OSError, target: str) -> OutputError:
+    if exc.errno == errno.ENOSPC:
+        return OutputError("disk full while writing the output", path=target)
+    return OutputError(f"cannot write the output: {exc.strerror or exc}", path=target)
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,51 @@
+"""Small value types shared by the planner, the rule table, the LoRA parser and the math."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RowSlice:
+    """Rows [start, start + length) along `dim` of a fused target (q of qkv, ...)."""
+
+    start: int
+    length: int
+    dim: int = 0
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one LoRA module lands in the checkpoint.
+
+    `key` is the weight tensor's name in the base; `bias_key` its bias (None when the base has
+    none). `slice` narrows a fused weight; `transform` is applied to ΔW before adding
+    ("swap_halves" for diffusers' AdaLayerNormContinuous, "transpose" for OpenCLIP's raw
+    text_projection). `component` is one of COMPONENTS.
+    """
+
+    key: str
+    component: str
+    bias_key: str | None = None
+    slice: RowSlice | None = None
+    transform: str | None = None
+
+
+# Components a checkpoint or LoRA module can belong to.
+COMPONENTS = ("unet", "dit", "te1", "te2", "te3", "vae")
+TEXT_ENCODERS = ("te1", "te2", "te3")
+
+
+@dataclass
+class LoraModule:
+    """One adapter module of a LoRA file: a stem plus its parts.
+
+    `parts` maps a canonical part name (see lora_format.PART_NAMES) to the tensor's key in the
+    file. `algo` is one of lora_format.ALGORITHMS. `rank` comes from the factor shapes.
+    """
+
+    stem: str
+    algo: str
+    parts: dict[str, str] = field(default_factory=dict)
+    rank: int | None = None
+    dora: bool = False
