@@ -261,7 +261,9 @@ def _shards_of(path: str) -> list[tuple[str, str]]:
         indexes = [f for f in sorted(os.listdir(path)) if f.endswith(".safetensors.index.json")]
         if len(indexes) == 1:
             return [("", f) for f in _index_shards(os.path.join(path, indexes[0]))]
-        check_input_path(path + os.sep)  # raises the directory error
+        raise InputError(
+            "is a directory without a *.safetensors.index.json or diffusers model_index.json", path=path
+        )
     if path.endswith(".index.json"):
         return [("", f) for f in _index_shards(path)]
     check_input_path(path)
