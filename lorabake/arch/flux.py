@@ -1,0 +1,108 @@
+"""FLUX.1 (dev/schnell): BFL DiT (double_blocks / single_blocks) + CLIP-L + T5-XXL. formats.md §5.5."""
+
+from lorabake.arch.common import Alias, Family, Layout, Probe, TextEncoder
+
+_D = "transformer_blocks.{n}."
+_S = "single_transformer_blocks.{n}."
+
+# BFL module (checkpoint) -> diffusers FluxTransformer2DModel module. [CU] utils.flux_to_diffusers,
+# diffusers single_file_utils.convert_flux_transformer_checkpoint_to_diffusers. Written by diffusers,
+# ai-toolkit, SimpleTuner (transformer.), OneTrainer (lora_transformer_), DiffSynth (no prefix).
+BFL_TO_DIFFUSERS: dict[str, tuple[Alias, ...]] = {
+    "double_blocks.{n}.img_attn.qkv": (
+        Alias(_D + "attn.to_q", part="q"),
+        Alias(_D + "attn.to_k", part="k"),
+        Alias(_D + "attn.to_v", part="v"),
+    ),
+    "double_blocks.{n}.txt_attn.qkv": (
+        Alias(_D + "attn.add_q_proj", part="q"),
+        Alias(_D + "attn.add_k_proj", part="k"),
+        Alias(_D + "attn.add_v_proj", part="v"),
+    ),
+    "double_blocks.{n}.img_attn.proj": (Alias(_D + "attn.to_out.0"),),
+    "double_blocks.{n}.txt_attn.proj": (Alias(_D + "attn.to_add_out"),),
+    "double_blocks.{n}.img_mlp.0": (Alias(_D + "ff.net.0.proj"),),
+    "double_blocks.{n}.img_mlp.2": (Alias(_D + "ff.net.2"),),
+    "double_blocks.{n}.txt_mlp.0": (Alias(_D + "ff_context.net.0.proj"),),
+    "double_blocks.{n}.txt_mlp.2": (Alias(_D + "ff_context.net.2"),),
+    "double_blocks.{n}.img_mod.lin": (Alias(_D + "norm1.linear"),),
+    "double_blocks.{n}.txt_mod.lin": (Alias(_D + "norm1_context.linear"),),
+    "double_blocks.{n}.img_attn.norm.query_norm": (Alias(_D + "attn.norm_q"),),  # RMSNorm .scale
+    "double_blocks.{n}.img_attn.norm.key_norm": (Alias(_D + "attn.norm_k"),),
+    "double_blocks.{n}.txt_attn.norm.query_norm": (Alias(_D + "attn.norm_added_q"),),
+    "double_blocks.{n}.txt_attn.norm.key_norm": (Alias(_D + "attn.norm_added_k"),),
+    "single_blocks.{n}.linear1": (
+        Alias(_S + "attn.to_q", part="q"),
+        Alias(_S + "attn.to_k", part="k"),
+        Alias(_S + "attn.to_v", part="v"),
+        Alias(_S + "proj_mlp", part="mlp"),
+    ),
+    "single_blocks.{n}.linear2": (Alias(_S + "proj_out"),),
+    "single_blocks.{n}.modulation.lin": (Alias(_S + "norm.linear"),),
+    "single_blocks.{n}.norm.query_norm": (Alias(_S + "attn.norm_q"),),
+    "single_blocks.{n}.norm.key_norm": (Alias(_S + "attn.norm_k"),),
+    "img_in": (Alias("x_embedder"),),
+    "txt_in": (Alias("context_embedder"),),
+    "time_in.in_layer": (Alias("time_text_embed.timestep_embedder.linear_1"),),
+    "time_in.out_layer": (Alias("time_text_embed.timestep_embedder.linear_2"),),
+    "vector_in.in_layer": (Alias("time_text_embed.text_embedder.linear_1"),),
+    "vector_in.out_layer": (Alias("time_text_embed.text_embedder.linear_2"),),
+    "guidance_in.in_layer": (Alias("time_text_embed.guidance_embedder.linear_1"),),
+    "guidance_in.out_layer": (Alias("time_text_embed.guidance_embedder.linear_2"),),
+    "final_layer.linear": (Alias("proj_out"),),
+    # diffusers AdaLayerNormContinuous is (scale, shift); BFL is (shift, scale)
+    "final_layer.adaLN_modulation.1": (Alias("norm_out.linear", transform="swap_halves"),),
+}
+
+# Extra BFL-style names: [CU] registers linear1_qkv (target of XLabs/USO single-block qkv LoRAs).
+BFL_EXTRAS: dict[str, tuple[Alias, ...]] = {
+    "single_blocks.{n}.linear1": (Alias("single_blocks.{n}.linear1_qkv", part="qkv"),),
+}
+
+# XLabs Flux LoRAs: down/up pairs under a per-block `processor`, no alpha. [DF] xlabs converter.
+XLABS: dict[str, tuple[Alias, ...]] = {
+    "double_blocks.{n}.img_attn.qkv": (Alias("double_blocks.{n}.processor.qkv_lora1"),),
+    "double_blocks.{n}.txt_attn.qkv": (Alias("double_blocks.{n}.processor.qkv_lora2"),),
+    "double_blocks.{n}.img_attn.proj": (Alias("double_blocks.{n}.processor.proj_lora1"),),
+    "double_blocks.{n}.txt_attn.proj": (Alias("double_blocks.{n}.processor.proj_lora2"),),
+    "single_blocks.{n}.linear1": (Alias("single_blocks.{n}.processor.qkv_lora", part="qkv"),),
+    "single_blocks.{n}.linear2": (Alias("single_blocks.{n}.processor.proj_lora"),),
+}
+
+_QKV = "double_blocks.0.img_attn.qkv.weight"
+_DIFFUSERS = (
+    Probe("single_transformer_blocks.0.proj_mlp.weight"),
+    Probe("transformer_blocks.0.attn.add_q_proj.weight"),
+)
+
+FAMILY = Family(
+    arch="flux",
+    title="FLUX.1",
+    modelspec="flux-1-dev",
+    kohya="flux1",
+    metadata_names=("flux-1", "flux1", "flux"),
+    diffusion="dit",
+    diffusion_kind="flux",
+    layouts=(
+        Layout("comfyui", "model.diffusion_model.", "bfl", (Probe(_QKV),)),
+        Layout("bfl", "", "bfl", (Probe(_QKV),)),  # as BFL ships flux1-dev.safetensors
+        Layout("diffusers", "transformer.", "diffusers", _DIFFUSERS),
+        Layout("diffusers", "", "diffusers", _DIFFUSERS),
+    ),
+    text_encoders=(
+        TextEncoder(
+            "te1",
+            (("text_encoders.clip_l.transformer.", "clip_l"), ("text_encoder.", "clip_l")),
+            ("lora_te1_", "lora_te_", "text_encoder.", "text_encoders.clip_l.transformer."),
+        ),
+        # T5 is te3 as in [KS] lora_flux.py (lora_te3_); OneTrainer writes lora_te2_ and diffusers calls it
+        # text_encoder_2, both accepted here since Flux has no second CLIP.
+        TextEncoder(
+            "te3",
+            (("text_encoders.t5xxl.transformer.", "t5xxl"), ("text_encoder_2.", "t5xxl")),
+            ("lora_te3_", "lora_te2_", "text_encoder_2.", "text_encoders.t5xxl.transformer."),
+        ),
+    ),
+    kohya_names={"dit": ("lora_unet_", "bfl"), "te1": ("lora_te1_", "hf"), "te3": ("lora_te3_", "hf")},
+    renames={"diffusers": BFL_TO_DIFFUSERS, "bfl_extra": BFL_EXTRAS, "xlabs": XLABS},
+)

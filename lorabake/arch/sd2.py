@@ -1,0 +1,35 @@
+"""Stable Diffusion 2.x: SD1's UNet (linear proj_in/out, cross-attn in 1024) + OpenCLIP-H. formats.md §5.2."""
+
+from lorabake.arch.common import Family, Layout, Probe, TextEncoder
+
+_LDM_TO_K = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+_DIFFUSERS_TO_K = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+
+FAMILY = Family(
+    arch="sd2",
+    title="Stable Diffusion 2.x",
+    modelspec="stable-diffusion-v2-512",
+    kohya="sd_v2",
+    metadata_names=("stable-diffusion-v2", "sd_v2"),
+    diffusion="unet",
+    diffusion_kind="unet",
+    layouts=(
+        Layout("ldm", "model.diffusion_model.", "ldm", (Probe(_LDM_TO_K, 1, 1024),)),
+        Layout("unet-only", "", "ldm", (Probe(_LDM_TO_K, 1, 1024),)),
+        Layout("diffusers", "unet.", "diffusers", (Probe(_DIFFUSERS_TO_K, 1, 1024),)),
+        Layout("diffusers", "", "diffusers", (Probe(_DIFFUSERS_TO_K, 1, 1024),)),
+    ),
+    text_encoders=(
+        TextEncoder(
+            "te1",
+            (
+                ("cond_stage_model.model.", "openclip_h"),  # raw OpenCLIP, fused attn.in_proj_weight
+                ("conditioner.embedders.0.model.", "openclip_h"),  # SGM-packed SD2 ([CU] SD20)
+                ("text_encoder.", "clip_h"),  # diffusers: HF CLIPTextModel layout
+            ),
+            ("lora_te_", "lora_te1_", "text_encoder.", "text_encoders.clip_h.transformer."),
+        ),
+    ),
+    kohya_names={"unet": ("lora_unet_", "diffusers"), "te1": ("lora_te_", "hf")},
+    renames={},
+)

@@ -1,0 +1,214 @@
+"""Which model family a checkpoint is, from its header alone (names and shapes).
+
+Every family's layouts (`lorabake.arch.*.FAMILY.layouts`) are tried: a layout matches when all its
+probe tensors exist under its prefix with the pinned sizes. One family matching is the answer; none or
+several is "unknown", with the candidates and what was seen in `notes`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from lorabake import dtypes
+from lorabake.arch import ARCH_NAMES, FAMILIES
+from lorabake.arch.common import (
+    DIFFUSERS_FOLDERS,
+    GENERIC_DIFFUSION_ROOTS,
+    GENERIC_TEXT_ENCODERS,
+    VAE_ROOTS,
+    Family,
+    Layout,
+    TextEncoder,
+)
+from lorabake.st_header import TensorInfo
+
+__all__ = ["ARCH_NAMES", "CheckpointInfo", "ComponentInfo", "detect_checkpoint", "arch_from_metadata"]
+
+# Metadata keys that name a base family, most specific first.
+METADATA_ARCH_KEYS = ("modelspec.architecture", "ss_base_model_version")
+
+
+@dataclass(frozen=True)
+class ComponentInfo:
+    name: str  # "unet" | "dit" | "te1" | "te2" | "te3" | "vae"
+    root: str  # key prefix, e.g. "cond_stage_model.transformer."
+    kind: str  # "clip_l" | "clip_h" | "clip_g" | "openclip_h" | "openclip_g" | "t5xxl" | "unet" | "mmdit" | "flux" | "vae"
+    params: int  # sum of numel of its float tensors
+    dtypes: dict[str, int]  # dtype tag -> tensor count
+    tensors: int
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    arch: str  # "sd1" | "sd2" | "sdxl" | "sd3" | "flux" | "unknown"
+    layout: str  # "ldm" | "sgm" | "comfyui" | "bfl" | "unet-only" | "dit-only" | "diffusers" | "unknown"
+    prefix: str  # diffusion model root, e.g. "model.diffusion_model." or ""
+    components: dict[str, ComponentInfo] = field(default_factory=dict)
+    candidates: tuple[str, ...] = ()  # when unknown: the families the evidence points to
+    notes: tuple[str, ...] = ()
+    naming: str = (
+        "unknown"  # how the diffusion model's modules are named: "ldm" | "mmdit" | "bfl" | "diffusers"
+    )
+
+
+def detect_checkpoint(
+    tensors: Mapping[str, TensorInfo], metadata: Mapping[str, str] | None = None
+) -> CheckpointInfo:
+    metadata = metadata or {}
+    matches = [(fam, lay) for fam in FAMILIES.values() for lay in fam.layouts if _matches(lay, tensors)]
+    # A bare-prefix layout also matches a prefixed file's keys only if they are bare too, so several matches
+    # of one family cannot happen with real files; keep the longest prefix to be safe.
+    archs = sorted({fam.arch for fam, _ in matches}, key=list(FAMILIES).index)
+    notes: list[str] = []
+    said = arch_from_metadata(metadata)
+
+    if len(archs) != 1:
+        candidates = archs or _near_misses(tensors, notes)
+        if said and said not in candidates:
+            candidates = [*candidates, said]
+        if said:
+            notes.append(f"metadata names {said}")
+        if len(archs) > 1:
+            notes.insert(0, f"tensor names match several families: {', '.join(archs)}")
+        elif not candidates:
+            notes.insert(0, "no known diffusion model (UNet, MMDiT, Flux) found in the tensor names")
+        # Still name what is there, so LoRAs that follow the checkpoint's own key names can apply.
+        roots = [("dit", r, "unknown") for r in GENERIC_DIFFUSION_ROOTS if _has_prefix(tensors, r)][:1]
+        roots += _text_encoder_roots(GENERIC_TEXT_ENCODERS, tensors)
+        components = _components(tensors, roots, vae=True)
+        prefix = roots[0][1] if roots and roots[0][0] == "dit" else ""
+        return CheckpointInfo("unknown", "unknown", prefix, components, tuple(candidates), tuple(notes))
+
+    fam, lay = max((m for m in matches), key=lambda m: len(m[1].prefix))
+    roots = [
+        (fam.diffusion, lay.prefix, fam.diffusion_kind),
+        *_text_encoder_roots(fam.text_encoders, tensors),
+    ]
+    components = _components(tensors, roots, vae=True)
+    notes.extend(_notes(fam, lay, tensors))
+    if said and said != fam.arch:
+        notes.append(f"metadata names {said} but the tensors are {fam.arch}")
+    return CheckpointInfo(fam.arch, lay.layout, lay.prefix, components, (), tuple(notes), lay.naming)
+
+
+def arch_from_metadata(metadata: Mapping[str, str]) -> str | None:
+    """The family a modelspec.architecture / ss_base_model_version value names, or None."""
+    for key in METADATA_ARCH_KEYS:
+        value = (metadata.get(key) or "").strip().lower()
+        if not value:
+            continue
+        # longest matching name wins ("stable-diffusion-v1" must not take "stable-diffusion-v1x")
+        best = max(
+            (
+                (len(n), fam.arch)
+                for fam in FAMILIES.values()
+                for n in fam.metadata_names
+                if value.startswith(n)
+            ),
+            default=None,
+        )
+        if best:
+            return best[1]
+    return None
+
+
+def _matches(layout: Layout, tensors: Mapping[str, TensorInfo]) -> bool:
+    for probe in layout.probes:
+        info = tensors.get(layout.prefix + probe.key)
+        if info is None:
+            return False
+        if probe.dim is not None and (len(info.shape) <= probe.dim or info.shape[probe.dim] != probe.size):
+            return False
+    return True
+
+
+def _near_misses(tensors: Mapping[str, TensorInfo], notes: list[str]) -> list[str]:
+    """Families whose sentinel tensors exist but with other sizes (SDXL refiner, SSD-1B, ...)."""
+    found: list[str] = []
+    for fam in FAMILIES.values():
+        for lay in fam.layouts:
+            present = [p for p in lay.probes if lay.prefix + p.key in tensors]
+            if present and fam.arch not in found:
+                found.append(fam.arch)
+                for p in present:
+                    shape = list(tensors[lay.prefix + p.key].shape)
+                    if p.dim is not None:
+                        notes.append(
+                            f"{lay.prefix + p.key} is {shape}; {fam.arch} has {p.size} at dim {p.dim}"
+                        )
+    if not found:
+        for fam in FAMILIES.values():
+            te_roots = [
+                root for te in fam.text_encoders for root, _ in te.roots if root not in DIFFUSERS_FOLDERS
+            ]
+            if any(_has_prefix(tensors, root) for root in te_roots):
+                found.append(fam.arch)
+        if found:
+            notes.append("only text encoder tensors recognised")
+    return found
+
+
+def _text_encoder_roots(
+    text_encoders: tuple[TextEncoder, ...], tensors: Mapping[str, TensorInfo]
+) -> list[tuple[str, str, str]]:
+    """(component, root, kind) of each text encoder slot whose root has tensors (first root that does)."""
+    found = []
+    for te in text_encoders:
+        for root, kind in te.roots:
+            if _has_prefix(tensors, root):
+                found.append((te.component, root, kind))
+                break
+    return found
+
+
+def _has_prefix(tensors: Mapping[str, TensorInfo], prefix: str) -> bool:
+    return any(k.startswith(prefix) for k in tensors)
+
+
+def _components(
+    tensors: Mapping[str, TensorInfo], roots: list[tuple[str, str, str]], *, vae: bool
+) -> dict[str, ComponentInfo]:
+    """Assign every tensor to the longest root it starts with and sum up each component."""
+    roots = list(roots)
+    if vae:
+        for root in VAE_ROOTS:
+            if _has_prefix(tensors, root):
+                roots.append(("vae", root, "vae"))
+                break
+    by_length = sorted(roots, key=lambda r: len(r[1]), reverse=True)
+    counts: dict[str, list] = {name: [0, {}, 0] for name, _, _ in roots}
+    for key, info in tensors.items():
+        for name, root, _ in by_length:
+            if key.startswith(root):
+                entry = counts[name]
+                if dtypes.BY_TAG[info.dtype].is_float:
+                    entry[0] += info.numel
+                entry[1][info.dtype] = entry[1].get(info.dtype, 0) + 1
+                entry[2] += 1
+                break
+    return {
+        name: ComponentInfo(name, root, kind, counts[name][0], counts[name][1], counts[name][2])
+        for name, root, kind in roots
+    }
+
+
+def _notes(fam: Family, lay: Layout, tensors: Mapping[str, TensorInfo]) -> list[str]:
+    notes = []
+    if sum(1 for k in tensors if k.startswith("model_ema.")) > 0:
+        notes.append("has an EMA copy (model_ema.*); it is never patched")
+    conv_in = tensors.get(
+        lay.prefix + ("conv_in.weight" if lay.naming == "diffusers" else "input_blocks.0.0.weight")
+    )
+    if fam.diffusion == "unet" and conv_in is not None and len(conv_in.shape) == 4 and conv_in.shape[1] != 4:
+        notes.append(f"UNet takes {conv_in.shape[1]} input channels (inpainting/instruct model?)")
+    if fam.arch == "flux" and lay.naming == "bfl":
+        dev = any(k.startswith(lay.prefix + "guidance_in.") for k in tensors)
+        notes.append(
+            "guidance embedder present (FLUX.1-dev-like)"
+            if dev
+            else "no guidance embedder (FLUX.1-schnell-like)"
+        )
+    if any(k.endswith("scaled_fp8") for k in tensors):
+        notes.append("scaled fp8 checkpoint (scale_weight per layer)")
+    return notes
