@@ -33,6 +33,7 @@ from lorabake.arch.common import (
     WEIGHT_PARAMS,
     Alias,
     TextEncoder,
+    UnetBlocks,
 )
 from lorabake.detect import CheckpointInfo
 from lorabake.st_header import TensorInfo
@@ -105,7 +106,9 @@ def build_keymap(tensors: Mapping[str, TensorInfo], info: CheckpointInfo) -> Key
             names = _text_encoder_names(modules, comp.kind)
         else:
             prefixes = diffusion_prefixes
-            names = _diffusion_names(modules, info.naming, renames, unet=unet)
+            names = _diffusion_names(
+                modules, info.naming, renames, unet=unet, blocks=family.unet_blocks if family else None
+            )
         flavour = family.kohya_names.get(comp.name) if family else None
         for module, module_names in names.items():
             mod = modules[module]
@@ -227,18 +230,19 @@ def _diffusion_names(
     renames: Mapping[str, Mapping[str, tuple[Alias, ...]]],
     *,
     unet: bool,
+    blocks: UnetBlocks | None = None,
 ) -> dict[str, list[_Name]]:
     native = naming if naming != "unknown" else "native"
     names = {m: [_Name(native, m, None)] for m in modules}
     if unet and naming == "ldm":
-        pairs = _unet_block_pairs(set(modules), naming="ldm")
+        pairs = _unet_block_pairs(set(modules), naming="ldm", default=blocks)
         for m, out in names.items():
             d = _translate(m, pairs, RESNET_RENAMES)
             if d is not None:
                 out.append(_Name("diffusers", d, Alias(d)))
                 out.extend(_attn_processor(d))
     elif unet and naming == "diffusers":
-        pairs = {d: ldm for ldm, d in _unet_block_pairs(set(modules), naming="diffusers").items()}
+        pairs = {d: ldm for ldm, d in _unet_block_pairs(set(modules), naming="diffusers", default=blocks).items()}
         back = {d: ldm for ldm, d in RESNET_RENAMES.items()}
         for m, out in names.items():
             ldm = _translate(m, pairs, back)
@@ -276,30 +280,32 @@ def _attn_processor(diffusers_name: str) -> list[_Name]:
     return []
 
 
-def _unet_block_pairs(modules: set[str], *, naming: str) -> dict[str, str]:
+def _unet_block_pairs(modules: set[str], *, naming: str, default: UnetBlocks | None) -> dict[str, str]:
     """LDM block prefix -> diffusers block prefix for this UNet (formats.md §5.1), from its own modules.
 
-    Levels, layers per block and which levels have attention are read from the module names; leaf
-    entries (conv_in, downsamplers, upsamplers, time/label embeddings) map whole modules.
+    Levels, layers per block and which levels have attention are read from the module names when
+    the file shows its downsamplers (a whole UNet); a partial file falls back to the family's
+    declared structure. Leaf entries (conv_in, downsamplers, upsamplers, time/label embeddings)
+    map whole modules.
     """
     blocks = {".".join(m.split(".")[:k]) for m in modules for k in range(1, 5)}
     if naming == "ldm":
         ops = sorted(
             int(b.split(".")[1]) for b in blocks if b.startswith("input_blocks.") and b.endswith(".0.op")
         )
-        per = (
-            ops[0]
-            if ops
-            else 1 + sum(1 for b in blocks if b.count(".") == 1 and b.startswith("input_blocks."))
-        )
+        whole = bool(ops)
+        per = ops[0] if ops else 0
         levels = len(ops) + 1
         down_attn = [f"input_blocks.{1 + per * i}.1" in blocks for i in range(levels)]
         up_attn = [f"output_blocks.{per * i}.1" in blocks for i in range(levels)]
     else:
         levels = sum(1 for i in range(16) if f"down_blocks.{i}" in blocks)
+        whole = "down_blocks.0.downsamplers.0.conv" in blocks
         per = 1 + sum(1 for j in range(16) if f"down_blocks.0.resnets.{j}" in blocks)
         down_attn = [f"down_blocks.{i}.attentions.0" in blocks for i in range(levels)]
         up_attn = [f"up_blocks.{i}.attentions.0" in blocks for i in range(levels)]
+    if not whole and default is not None:
+        levels, per, down_attn, up_attn = default
     layers = per - 1  # resnets per down level; up levels have one more
 
     pairs = dict(UNET_LEAVES)

@@ -173,7 +173,7 @@ def _prefetch(reader: SafetensorsReader, names: list[str], budget: int) -> Itera
             for name in names:
                 size = reader.tensors[name].nbytes
                 with slots:
-                    slots.wait_for(lambda: stop.is_set() or in_flight[0] == 0 or in_flight[0] + size <= budget)
+                    slots.wait_for(lambda size=size: stop.is_set() or in_flight[0] == 0 or in_flight[0] + size <= budget)
                     if stop.is_set():
                         return
                     in_flight[0] += size

@@ -10,7 +10,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterable
-from functools import lru_cache
+from functools import cache
 
 import torch
 from safetensors.torch import save_file
@@ -34,7 +34,7 @@ _TORCH = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def arch_doc(arch: str) -> dict:
     with open(os.path.join(ARCH_DIR, ARCH_FILES[arch]), encoding="utf-8") as fh:
         return json.load(fh)

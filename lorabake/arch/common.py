@@ -195,6 +195,15 @@ OPENCLIP_TO_HF: dict[str, tuple[Alias, ...]] = {
 }
 
 
+class UnetBlocks(NamedTuple):
+    """A UNet's block structure (formats.md §5.1): used when a partial file cannot show it."""
+
+    levels: int
+    per: int  # input blocks per level: layers_per_block + 1
+    down_attn: tuple[bool, ...]
+    up_attn: tuple[bool, ...]
+
+
 class Family(NamedTuple):
     """Everything lorabake knows about one model family, as rows."""
 
@@ -213,3 +222,4 @@ class Family(NamedTuple):
     kohya_names: dict[str, tuple[str, str]]
     # naming family -> {module template in the checkpoint's native naming: aliases in that family}
     renames: dict[str, dict[str, tuple[Alias, ...]]]
+    unet_blocks: UnetBlocks | None = None

@@ -1,6 +1,6 @@
 """Stable Diffusion 1.x: LDM UNet + HF CLIP-L. formats.md §3, §5.1."""
 
-from lorabake.arch.common import Family, Layout, Probe, TextEncoder
+from lorabake.arch.common import Family, Layout, Probe, TextEncoder, UnetBlocks
 
 # Cross-attention K reads the text encoder's width: 768 (CLIP-L) for SD1, 1024 for SD2, 2048 for SDXL.
 _LDM_TO_K = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
@@ -32,4 +32,5 @@ FAMILY = Family(
     # kohya SD1/SD2 LoRAs name UNet modules by their diffusers path (LoRANetwork on the diffusers UNet)
     kohya_names={"unet": ("lora_unet_", "diffusers"), "te1": ("lora_te_", "hf")},
     renames={},
+    unet_blocks=UnetBlocks(4, 3, (True, True, True, False), (False, True, True, True)),
 )

@@ -1,6 +1,6 @@
 """Stable Diffusion 2.x: SD1's UNet (linear proj_in/out, cross-attn in 1024) + OpenCLIP-H. formats.md §5.2."""
 
-from lorabake.arch.common import Family, Layout, Probe, TextEncoder
+from lorabake.arch.common import Family, Layout, Probe, TextEncoder, UnetBlocks
 
 _LDM_TO_K = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 _DIFFUSERS_TO_K = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
@@ -32,4 +32,5 @@ FAMILY = Family(
     ),
     kohya_names={"unet": ("lora_unet_", "diffusers"), "te1": ("lora_te_", "hf")},
     renames={},
+    unet_blocks=UnetBlocks(4, 3, (True, True, True, False), (False, True, True, True)),
 )

@@ -1,6 +1,6 @@
 """SDXL base 1.0: SGM layout, UNet with 3 levels (no attention at level 0) + CLIP-L + OpenCLIP-G. formats.md §5.3."""
 
-from lorabake.arch.common import Family, Layout, Probe, TextEncoder
+from lorabake.arch.common import Family, Layout, Probe, TextEncoder, UnetBlocks
 
 _SGM_TO_K = "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
 _DIFFUSERS_TO_K = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
@@ -35,4 +35,5 @@ FAMILY = Family(
     # kohya SDXL trains on its own SGM-named UNet, so its LoRA names are the checkpoint's (formats.md §5.3)
     kohya_names={"unet": ("lora_unet_", "ldm"), "te1": ("lora_te1_", "hf"), "te2": ("lora_te2_", "hf")},
     renames={},
+    unet_blocks=UnetBlocks(3, 3, (False, True, True), (True, True, False)),
 )

@@ -1,0 +1,181 @@
+"""Thin command line: parse, build one options object, call one function in `ops`, render.
+
+Exit codes: 0 success, 1 failure on data or files, 2 usage error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import traceback
+
+import click
+
+from lorabake import __version__
+from lorabake.errors import LorabakeError, UsageError
+from lorabake.plan import LoraSpec
+from lorabake.render import sanitize
+
+EXIT_CODES_HELP = "Exit codes: 0 success, 1 failure on data or files, 2 usage error, 130 interrupted."
+
+MERGE_EXAMPLES = """
+\b
+Examples:
+  lorabake merge base.safetensors --lora moxin.safetensors:0.5 --lora light.safetensors:1.0 -o out.safetensors
+  lorabake merge sdxl.safetensors --lora style.safetensors:0.8:0.4 -o out.safetensors --dtype fp16
+  lorabake merge flux1-dev.safetensors --lora detail.safetensors:-0.5 -o less_detail.safetensors
+  lorabake merge base.safetensors --lora a.safetensors --dry-run
+"""
+
+INSPECT_EXAMPLES = """
+\b
+Examples:
+  lorabake inspect sd_xl_base_1.0.safetensors
+  lorabake inspect my_lora.safetensors --json
+  lorabake inspect my_lora.safetensors --against sd_xl_base_1.0.safetensors
+  lorabake inspect *.safetensors --hash
+"""
+
+EXTRACT_EXAMPLES = """
+\b
+Examples:
+  lorabake extract base.safetensors tuned.safetensors -o diff_lora.safetensors --rank 32
+  lorabake extract base.safetensors tuned.safetensors -o diff.safetensors --rank-mode energy --rank-param 0.9
+"""
+
+
+class _Interrupted(BaseException):
+    pass
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001
+    raise _Interrupted()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: maps errors to one `Error:` line and the documented exit codes."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="lorabake", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Interrupted: nothing was written.", err=True)
+        sys.exit(130)
+    except (KeyboardInterrupt, _Interrupted):
+        click.echo("Interrupted: nothing was written.", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except LorabakeError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"Error: {sanitize(str(exc))}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
+@click.version_option(__version__, prog_name="lorabake")
+@click.option("--debug", is_flag=True, help="Show a traceback on errors.")
+def cli(debug: bool) -> None:  # noqa: ARG001
+    """Bake LoRA adapters into diffusion checkpoints, one tensor at a time."""
+
+
+# -- merge ---------------------------------------------------------------------------------
+def parse_lora_arg(text: str) -> LoraSpec:
+    """PATH[:STRENGTH[:TE_STRENGTH]], numbers taken from the right so paths may contain ':'."""
+    pieces = text.split(":")
+    numbers: list[float] = []
+    while len(pieces) > 1 and len(numbers) < 2:
+        value = _number(pieces[-1])
+        if value is None:
+            break
+        numbers.insert(0, value)
+        pieces.pop()
+    path = ":".join(pieces)
+    if not numbers and ":" in text and not os.path.exists(text):
+        head, _, tail = text.rpartition(":")
+        if os.path.exists(head):
+            raise UsageError(f"strength {tail!r} in --lora {text!r} is not a number")
+    if len(numbers) == 2 and ":" in path and not os.path.exists(path):
+        head, _, tail = path.rpartition(":")
+        if os.path.exists(head):
+            raise UsageError(f"--lora {text!r} has more than two strengths")
+    strength = numbers[0] if numbers else 1.0
+    te = numbers[1] if len(numbers) > 1 else None
+    return LoraSpec(path=path, strength=strength, te_strength=te)
+
+
+def _number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    if not math.isfinite(value):
+        raise UsageError(f"strength {text!r} is not a finite number")
+    return value
+
+
+@cli.command(epilog=MERGE_EXAMPLES + "\n" + EXIT_CODES_HELP)
+@click.argument("base", type=click.Path())
+@click.option("--lora", "loras", multiple=True, required=True, metavar="PATH[:STRENGTH[:TE_STRENGTH]]",
+              help="A LoRA to bake; strength defaults to 1.0, text-encoder strength to the strength.")
+@click.option("-o", "--output", type=click.Path(), help="Output .safetensors file.")
+@click.option("--dtype", type=click.Choice(["keep", "fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2"]), default="keep",
+              show_default=True, help="Dtype of the output's float tensors.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--rounding", type=click.Choice(["nearest", "stochastic"]), default="nearest", show_default=True,
+              help="How patched tensors are re-encoded (stochastic: seeded per tensor name, deterministic).")
+@click.option("--allow-unmatched", is_flag=True, help="Bake the modules that fit even if some match nothing.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON document.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--quiet", is_flag=True, help="Print only errors.")
+def merge(base, loras, output, dtype, device, rounding, allow_unmatched, dry_run, as_json, force, quiet):
+    """Bake LoRAs into BASE: W' = W + Σ strength · scale · ΔW, streamed tensor by tensor."""
+    from lorabake import ops, render
+
+    specs = tuple(parse_lora_arg(text) for text in loras)
+    if not dry_run and not output:
+        raise UsageError("missing -o/--output (or pass --dry-run)")
+    opts = ops.MergeOptions(
+        base=base,
+        loras=specs,
+        output=output,
+        dtype=dtype,
+        device=device,
+        rounding=rounding,
+        allow_unmatched=allow_unmatched,
+        dry_run=dry_run,
+        force=force,
+    )
+    show_progress = not (quiet or as_json or dry_run) and sys.stderr.isatty()
+    with render.progress_bar(enabled=show_progress) as progress:
+        result = ops.merge(opts, progress=progress.advance, on_plan=progress.start_for)
+    if as_json:
+        click.echo(json.dumps(render.merge_json(result), indent=2))
+    elif not quiet:
+        render.print_merge(result)
+
+
+# -- inspect -------------------------------------------------------------------------------
+@cli.command(epilog=INSPECT_EXAMPLES + "\n" + EXIT_CODES_HELP)
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="One JSON document {\"files\": [...]}.")
+@click.option("--hash", "with_hash", is_flag=True, help="Add SHA-256, AutoV2 and the data-section SHA-256.")
+@click.option("--against", type=click.Path(), help="For LoRAs: show which modules fit this base checkpoint.")
+def inspect(files, as_json, with_hash, against):
+    """Say what each file is, from its header: checkpoint or LoRA, architecture, layout, modules."""
+    from lorabake import inspection as inspecting
+    from lorabake import render
+
+    reports = [inspecting.inspect_file(path, with_hash=with_hash, against=against) for path in files]
+    if as_json:
+        click.echo(json.dumps({"files": reports}, indent=2))
+    else:
+        render.print_inspect(reports)

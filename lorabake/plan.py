@@ -1,0 +1,194 @@
+"""Preflight: headers + rule table -> patches per base tensor, with every LoRA key accounted for.
+
+Nothing here reads tensor data. `inspect --against`, `merge --dry-run` and the merge itself all
+print or run the same `MergePlan`, so what the dry run says is what the merge does.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from lorabake import delta, lora_format
+from lorabake.detect import CheckpointInfo, detect_checkpoint
+from lorabake.errors import LoraFormatError, MatchError
+from lorabake.keymap import KeyMap, build_keymap
+from lorabake.lora_format import LoraFile, parse_lora
+from lorabake.st_reader import SafetensorsReader
+from lorabake.types import TEXT_ENCODERS, LoraModule, Target
+
+# Parts that land on the module's bias tensor rather than its weight.
+BIAS_PARTS = ("diff_b", "b_norm", "up_bias")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One `--lora PATH[:STRENGTH[:TE_STRENGTH]]` argument."""
+
+    path: str
+    strength: float = 1.0
+    te_strength: float | None = None
+
+    def strength_for(self, component: str) -> float:
+        if component in TEXT_ENCODERS and self.te_strength is not None:
+            return self.te_strength
+        return self.strength
+
+
+@dataclass(frozen=True)
+class PlannedPatch:
+    """One module of one LoRA applied to one base tensor (weight or bias)."""
+
+    lora_index: int
+    module: LoraModule
+    target: Target
+    param: str  # "weight" | "bias"
+    strength: float
+
+
+@dataclass
+class Outcome:
+    """What became of one module: applied, skipped (component absent) or unmatched (why)."""
+
+    stem: str
+    status: str  # "applied" | "skipped" | "unmatched"
+    component: str | None
+    reason: str = ""
+    target: str | None = None
+
+
+@dataclass
+class LoraPlan:
+    spec: LoraSpec
+    lora: LoraFile
+    reader: SafetensorsReader
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def by_status(self, status: str) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status == status]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """status -> component -> module count."""
+        out: dict[str, Counter] = {}
+        for o in self.outcomes:
+            out.setdefault(o.status, Counter())[o.component or "?"] += 1
+        return {k: dict(v) for k, v in out.items()}
+
+
+@dataclass
+class MergePlan:
+    base: SafetensorsReader
+    info: CheckpointInfo
+    keymap: KeyMap
+    loras: list[LoraPlan]
+    patches: dict[str, list[PlannedPatch]]  # base key -> patches, in --lora order
+
+    @property
+    def unmatched(self) -> list[tuple[LoraPlan, Outcome]]:
+        return [(lp, o) for lp in self.loras for o in lp.by_status("unmatched")]
+
+
+def plan_merge(base: SafetensorsReader, specs: list[LoraSpec], lora_readers: list[SafetensorsReader]) -> MergePlan:
+    """Resolve every module of every LoRA against `base`. Raises MatchError on an arch mismatch."""
+    info = detect_checkpoint(base.tensors, base.metadata)
+    keymap = build_keymap(base.tensors, info)
+    patches: dict[str, list[PlannedPatch]] = {}
+    plans = []
+    for index, (spec, reader) in enumerate(zip(specs, lora_readers)):
+        lora = parse_lora(reader.tensors, reader.metadata, path=reader.path)
+        _check_arch(lora, info, base.path)
+        plan = LoraPlan(spec, lora, reader)
+        claimed: dict[tuple[str, object], str] = {}
+        for stem, module in lora.modules.items():
+            outcome, planned = _resolve(index, spec, module, reader, base, keymap)
+            plan.outcomes.append(outcome)
+            for p in planned:
+                slot = (p.target.key if p.param == "weight" else p.target.bias_key, p.target.slice, p.param)
+                if slot in claimed:
+                    raise MatchError(
+                        f"modules {claimed[slot]!r} and {stem!r} both target {slot[0]}"
+                        + (f" rows {p.target.slice.start}..{p.target.slice.start + p.target.slice.length}" if p.target.slice else ""),
+                        path=reader.path,
+                        hint="the file names one module twice (e.g. kohya and diffusers spellings); remove one",
+                    )
+                claimed[slot] = stem
+                patches.setdefault(slot[0], []).append(p)
+        for key in lora.unknown_keys:
+            plan.outcomes.append(
+                Outcome(key, "unmatched", lora_format.module_component_hint(key), "not a tensor of any known adapter format")
+            )
+        plans.append(plan)
+    return MergePlan(base, info, keymap, plans, patches)
+
+
+def _check_arch(lora: LoraFile, info: CheckpointInfo, base_path: str) -> None:
+    if lora.arch in ("unknown", None) or info.arch == "unknown" or lora.arch == info.arch:
+        return
+    raise MatchError(
+        f"LoRA is for {lora.arch} (from {lora.arch_source}) but the base checkpoint {base_path} is {info.arch}",
+        path=lora.path,
+        hint="use a LoRA trained for this base, or a base of the LoRA's architecture",
+    )
+
+
+def _resolve(
+    index: int,
+    spec: LoraSpec,
+    module: LoraModule,
+    reader: SafetensorsReader,
+    base: SafetensorsReader,
+    keymap: KeyMap,
+) -> tuple[Outcome, list[PlannedPatch]]:
+    stem = module.stem
+    target = keymap.targets.get(stem)
+    if target is None:
+        component = keymap.component_of(stem) or lora_format.module_component_hint(stem)
+        if component is not None and component not in keymap.components_present:
+            return Outcome(stem, "skipped", component, f"base has no {component}"), []
+        return Outcome(stem, "unmatched", component, "no tensor of the base has this name"), []
+    shapes = {part: reader.tensors[key].shape for part, key in module.parts.items()}
+    weight_parts = {p: s for p, s in shapes.items() if p not in BIAS_PARTS}
+    bias_parts = {p: s for p, s in shapes.items() if p in BIAS_PARTS}
+    planned: list[PlannedPatch] = []
+    strength = spec.strength_for(target.component)
+    base_shape = base.tensors[target.key].shape
+    if target.slice is not None:
+        base_shape = (target.slice.length, *base_shape[1:])
+    if _has_weight_math(module.algo, weight_parts):
+        try:
+            natural = delta.delta_shape(module.algo, weight_parts)
+        except LoraFormatError as exc:
+            exc.path = exc.path or reader.path
+            exc.tensor = exc.tensor or stem
+            raise
+        if not delta.fits(module.algo, weight_parts, base_shape):
+            shown = list(natural) if natural is not None else module.algo
+            return (
+                Outcome(stem, "unmatched", target.component, f"ΔW {shown} does not fit {target.key} {list(base_shape)}", target.key),
+                [],
+            )
+        planned.append(PlannedPatch(index, module, target, "weight", strength))
+    if bias_parts:
+        if target.bias_key is None:
+            return Outcome(stem, "unmatched", target.component, f"{target.key} has no bias for {sorted(bias_parts)}", target.key), []
+        bias_len = base.tensors[target.bias_key].shape[0] if target.slice is None else target.slice.length
+        for part, shape in bias_parts.items():
+            if _numel(shape) != bias_len:
+                return (
+                    Outcome(stem, "unmatched", target.component, f"{part} has {_numel(shape)} values, bias has {bias_len}", target.key),
+                    [],
+                )
+        planned.append(PlannedPatch(index, module, target, "bias", strength))
+    return Outcome(stem, "applied", target.component, "", target.key), planned
+
+
+def _has_weight_math(algo: str, weight_parts: dict[str, tuple[int, ...]]) -> bool:
+    """False for modules that only carry bias parts (a lone diff_b or b_norm)."""
+    return any(p not in ("alpha", "scale") for p in weight_parts)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -1,0 +1,294 @@
+"""Rendering for the CLI: rich tables on a terminal, plain lines otherwise, JSON documents.
+
+Everything that came out of a file (tensor names, metadata) goes through `sanitize` first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)] if c != 0x0A}
+META_DISPLAY_LIMIT = 200
+
+
+def sanitize(text: object, limit: int | None = None) -> str:
+    """Escape terminal control characters from file-supplied text; cut very long values."""
+    out = str(text).translate(_CONTROL)
+    if limit is not None and len(out) > limit:
+        out = out[:limit] + f"… ({len(out) - limit} more characters)"
+    return out
+
+
+def _esc(text: object, limit: int | None = None) -> str:
+    """Sanitized and safe for rich markup."""
+    from rich.markup import escape
+
+    return escape(sanitize(text, limit))
+
+
+def _console() -> Console:
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _tty() -> bool:
+    return sys.stdout.isatty()
+
+
+def _out(line: str = "") -> None:
+    if _tty():
+        _console().print(line)
+    else:
+        print(line)
+
+
+# -- progress ------------------------------------------------------------------------------
+class _Bar:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._progress: Progress | None = None
+        self._task = None
+
+    def start_for(self, plan) -> None:
+        if not self.enabled:
+            return
+        self._progress = Progress(
+            TextColumn("baking"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task("bake", total=plan.base.data_size)
+
+    def advance(self, nbytes: int) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task, nbytes)
+
+    def stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+@contextlib.contextmanager
+def progress_bar(*, enabled: bool) -> Iterator[_Bar]:
+    bar = _Bar(enabled)
+    try:
+        yield bar
+    finally:
+        bar.stop()
+
+
+# -- merge ---------------------------------------------------------------------------------
+def merge_json(result) -> dict:
+    plan = result.plan
+    return {
+        "base": plan.base.path,
+        "base_architecture": plan.info.arch,
+        "output": result.output,
+        "dry_run": result.output is None,
+        "tensors_changed": result.tensors_changed,
+        "tensors_cast": result.tensors_cast,
+        "tensors_patched_planned": len(plan.patches),
+        "bytes_written": result.bytes_written,
+        "seconds": round(result.seconds, 3),
+        "sha256": result.sha256,
+        "autov2": result.autov2,
+        "data_sha256": result.data_sha256,
+        "loras": [
+            {
+                "path": lp.reader.path,
+                "flavour": lp.lora.flavour,
+                "architecture": lp.lora.arch,
+                "strength": lp.spec.strength,
+                "te_strength": lp.spec.te_strength if lp.spec.te_strength is not None else lp.spec.strength,
+                "data_sha256": result.lora_data_sha256[i] if i < len(result.lora_data_sha256) else None,
+                "modules": len(lp.lora.modules),
+                "applied": lp.counts().get("applied", {}),
+                "skipped": lp.counts().get("skipped", {}),
+                "unmatched": lp.counts().get("unmatched", {}),
+                "not_applied": [
+                    {"module": o.stem, "status": o.status, "component": o.component, "reason": o.reason}
+                    for o in lp.outcomes
+                    if o.status != "applied"
+                ],
+            }
+            for i, lp in enumerate(plan.loras)
+        ],
+        "lost_to_rounding": {
+            "max": max(result.lost.values(), default=0.0),
+            "tensors_over_5_percent": sorted(k for k, v in result.lost.items() if v > 0.05),
+        },
+    }
+
+
+def _counts_text(counts: dict[str, int]) -> str:
+    if not counts:
+        return "0"
+    return f"{sum(counts.values())} (" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")"
+
+
+def print_merge(result) -> None:
+    doc = merge_json(result)
+    _out(f"base: {_esc(doc['base'])} [{doc['base_architecture']}]")
+    for lora in doc["loras"]:
+        _out(
+            f"lora: {_esc(lora['path'])} [{lora['flavour']}, {lora['architecture']}] "
+            f"strength {lora['strength']:g} / te {lora['te_strength']:g}"
+        )
+        _out(f"  applied:   {_counts_text(lora['applied'])}")
+        _out(f"  skipped:   {_counts_text(lora['skipped'])}")
+        _out(f"  unmatched: {_counts_text(lora['unmatched'])}")
+        for row in lora["not_applied"][:20]:
+            _out(f"    {row['status']}: {_esc(row['module'])}: {_esc(row['reason'])}")
+        if len(lora["not_applied"]) > 20:
+            _out(f"    … {len(lora['not_applied']) - 20} more (use --json for all)")
+    if doc["dry_run"]:
+        _out(f"dry run: {doc['tensors_patched_planned']} tensors would change; nothing written")
+        return
+    _out(f"output: {_esc(doc['output'])}")
+    _out(f"  tensors changed: {doc['tensors_changed']}, re-cast: {doc['tensors_cast']}")
+    lost = doc["lost_to_rounding"]
+    _out(f"  largest fraction of a delta lost to rounding: {lost['max']:.3g}")
+    if lost["tensors_over_5_percent"]:
+        _out(f"  {len(lost['tensors_over_5_percent'])} tensors lost over 5% of their delta (try --rounding stochastic or a wider --dtype)")
+    _out(f"  sha256: {doc['sha256']}  AutoV2: {doc['autov2']}")
+    _out(f"  {doc['bytes_written']} bytes in {doc['seconds']:.2f} s")
+
+
+# -- inspect -------------------------------------------------------------------------------
+def print_inspect(reports: list[dict]) -> None:
+    for i, rep in enumerate(reports):
+        if i:
+            _out()
+        if _tty():
+            _rich_report(rep)
+        else:
+            _plain_report(rep)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def _summary_rows(rep: dict) -> list[tuple[str, str]]:
+    rows = [("kind", rep["kind"]), ("architecture", rep["architecture"])]
+    if rep["kind"] == "checkpoint":
+        rows += [
+            ("layout", rep["layout"]),
+            ("prefix", repr(rep["prefix"])),
+            ("params", f"{rep['params']:,}"),
+            ("dtypes", ", ".join(f"{k} {v}" for k, v in rep["dtypes"].items())),
+        ]
+        if rep["candidates"]:
+            rows.append(("candidates", ", ".join(rep["candidates"])))
+        rows += [("note", n) for n in rep["notes"]]
+    else:
+        rows += [
+            ("architecture from", str(rep["architecture_source"])),
+            ("flavour", rep["flavour"]),
+            ("algorithms", ", ".join(f"{k} {v}" for k, v in rep["algorithms"].items())),
+            ("modules", str(rep["modules"])),
+            ("components", ", ".join(f"{k} {v}" for k, v in rep["components"].items())),
+            ("ranks", ", ".join(f"{k}×{v}" for k, v in rep["ranks"].items())),
+            ("alphas", ", ".join(f"{k}×{v}" for k, v in rep["alphas"].items()) or "none (scale 1)"),
+            ("scale alpha/rank", ", ".join(f"{k}×{v}" for k, v in rep["scales"].items())),
+        ]
+        if rep.get("architecture_note"):
+            rows.append(("note", rep["architecture_note"]))
+        if rep["dora_modules"]:
+            rows.append(("DoRA modules", str(rep["dora_modules"])))
+        if rep["unknown_keys"]:
+            rows.append(("unknown keys", f"{len(rep['unknown_keys'])}: " + ", ".join(rep["unknown_keys"][:5])))
+        if rep["top_tags"]:
+            rows.append(("top tags", ", ".join(f"{t} ({c})" for t, c in rep["top_tags"])))
+    rows += [("size", _size(rep["size"])), ("tensors", str(rep["tensors"]))]
+    for key in ("sha256", "autov2", "data_sha256", "sshs_model_hash_matches"):
+        if key in rep:
+            rows.append((key, str(rep[key])))
+    return rows
+
+
+def _plain_report(rep: dict) -> None:
+    print(f"{sanitize(rep['path'])}:")
+    for k, v in _summary_rows(rep):
+        print(f"  {k}: {sanitize(v, 500)}")
+    if rep["kind"] == "checkpoint":
+        for name, c in rep["components"].items():
+            dts = ", ".join(f"{k} {v}" for k, v in c["dtypes"].items())
+            print(f"  component {name}: {c['kind']} root {c['root']!r} params {c['params']:,} tensors {c['tensors']} ({dts})")
+    else:
+        for k, v in rep["training"].items():
+            print(f"  {k}: {sanitize(v, META_DISPLAY_LIMIT)}")
+    cov = rep.get("coverage")
+    if cov:
+        _plain_coverage(cov)
+    for k, v in rep["metadata"].items():
+        if k not in rep.get("training", {}) and k != "ss_tag_frequency":
+            print(f"  meta {sanitize(k, 80)}: {sanitize(v, META_DISPLAY_LIMIT)}")
+
+
+def _plain_coverage(cov: dict) -> None:
+    print(f"  against {sanitize(cov['base'])} [{cov['base_architecture']}]:")
+    for status in ("applied", "skipped", "unmatched"):
+        print(f"    {status}: {_counts_text(cov[status])}")
+    for row in cov["details"]:
+        print(f"    {row['status']}: {sanitize(row['module'])}: {sanitize(row['reason'])}")
+
+
+def _rich_report(rep: dict) -> None:
+    console = _console()
+    table = Table(title=_esc(rep["path"]), show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for k, v in _summary_rows(rep):
+        table.add_row(k, _esc(v, 500))
+    console.print(table)
+    if rep["kind"] == "checkpoint" and rep["components"]:
+        comp = Table("component", "kind", "root", "params", "tensors", "dtypes", title="components", title_justify="left")
+        for name, c in rep["components"].items():
+            comp.add_row(name, c["kind"], _esc(c["root"]), f"{c['params']:,}", str(c["tensors"]),
+                         ", ".join(f"{k} {v}" for k, v in c["dtypes"].items()))
+        console.print(comp)
+    if rep["kind"] == "lora" and rep["training"]:
+        tr = Table("training", "value", title="training metadata", title_justify="left")
+        for k, v in rep["training"].items():
+            tr.add_row(_esc(k), _esc(v, META_DISPLAY_LIMIT))
+        console.print(tr)
+    cov = rep.get("coverage")
+    if cov:
+        ct = Table("status", "modules", title=f"coverage against {_esc(cov['base'])} [{cov['base_architecture']}]",
+                   title_justify="left")
+        for status in ("applied", "skipped", "unmatched"):
+            ct.add_row(status, _counts_text(cov[status]))
+        console.print(ct)
+        if cov["details"]:
+            dt = Table("status", "module", "reason")
+            for row in cov["details"][:50]:
+                dt.add_row(row["status"], _esc(row["module"]), _esc(row["reason"]))
+            console.print(dt)
+    other = {k: v for k, v in rep["metadata"].items() if k not in rep.get("training", {}) and k != "ss_tag_frequency"}
+    if other:
+        mt = Table("key", "value", title="metadata", title_justify="left")
+        for k, v in other.items():
+            mt.add_row(_esc(k, 80), _esc(v, META_DISPLAY_LIMIT))
+        console.print(mt)
