@@ -179,3 +179,55 @@ def inspect(files, as_json, with_hash, against):
         click.echo(json.dumps({"files": reports}, indent=2))
     else:
         render.print_inspect(reports)
+
+
+# -- extract -------------------------------------------------------------------------------
+@cli.command(epilog=EXTRACT_EXAMPLES + "\n" + EXIT_CODES_HELP)
+@click.argument("base", type=click.Path())
+@click.argument("tuned", type=click.Path())
+@click.option("-o", "--output", type=click.Path(), required=True, help="Output LoRA .safetensors file.")
+@click.option("--rank", type=int, default=32, show_default=True, help="Rank of linear/1x1 modules (cap for dynamic modes).")
+@click.option("--conv-rank", type=int, help="Also extract 3x3 convs (LoCon) at this rank.")
+@click.option("--rank-mode", type=click.Choice(["fixed", "energy", "ratio", "cumulative"]), default="fixed", show_default=True,
+              help="energy: smallest rank keeping X of ‖ΔW‖²; ratio/cumulative: kohya resize_lora's sv_ratio/sv_cumulative.")
+@click.option("--rank-param", type=float, help="X for the dynamic rank modes.")
+@click.option("--alpha", type=float, help="Alpha written for every module (default: its rank, scale 1).")
+@click.option("--clamp-quantile", type=float, help="Clamp factors at this quantile (kohya's 0.99); off by default.")
+@click.option("--components", default="unet,te", show_default=True, help="Comma list of unet, dit, te, te1, te2, te3.")
+@click.option("--all-modules", is_flag=True, help="Every 2-D and 4-D weight, not only what trainers target.")
+@click.option("--min-diff", type=float, default=0.0, show_default=True, help="Skip modules whose max |ΔW| is at most this.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON document.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--quiet", is_flag=True, help="Print only errors.")
+def extract(base, tuned, output, rank, conv_rank, rank_mode, rank_param, alpha, clamp_quantile, components,
+            all_modules, min_diff, device, dtype, as_json, force, quiet):
+    """Extract a LoRA from TUNED − BASE by (randomized) SVD, reporting its error."""
+    from lorabake import extract as extracting
+    from lorabake import render
+
+    opts = extracting.ExtractOptions(
+        base=base,
+        tuned=tuned,
+        output=output,
+        rank=rank,
+        conv_rank=conv_rank,
+        rank_mode=rank_mode,
+        rank_param=rank_param,
+        alpha=alpha,
+        clamp_quantile=clamp_quantile,
+        components=tuple(c.strip() for c in components.split(",") if c.strip()),
+        all_modules=all_modules,
+        min_diff=min_diff,
+        device=device,
+        dtype=dtype,
+        force=force,
+    )
+    show_progress = not (quiet or as_json) and sys.stderr.isatty()
+    with render.progress_bar(enabled=show_progress, label="extracting") as progress:
+        result = extracting.extract(opts, progress=progress.advance, on_start=progress.start_total)
+    if as_json:
+        click.echo(json.dumps(extracting.extract_json(result), indent=2))
+    elif not quiet:
+        render.print_extract(extracting.extract_json(result))

@@ -163,6 +163,83 @@ def _stem(path: str) -> str:
     return os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
 
 
+# ComfyUI "scaled fp8" checkpoints: a marker tensor and a per-weight scale (formats.md E5).
+SCALED_FP8_MARKER = "scaled_fp8"
+SCALE_SUFFIXES = ("scale_weight", "weight_scale")
+
+
+def scaled_fp8_scales(tensors: dict) -> dict[str, str]:
+    """weight key -> its scale tensor's key, for a scaled-fp8 base (empty for any other base)."""
+    if not any(name.rsplit(".", 1)[-1] == SCALED_FP8_MARKER for name in tensors):
+        return {}
+    out = {}
+    for name, info in tensors.items():
+        if not name.endswith(".weight") or info.dtype not in rounding.FP8_TAGS:
+            continue
+        module = name[: -len(".weight")]
+        for suffix in SCALE_SUFFIXES:
+            if f"{module}.{suffix}" in tensors:
+                out[name] = f"{module}.{suffix}"
+    return out
+
+
+class _Baker:
+    """Produces each output tensor in base order; holds back the partner of a scaled-fp8 pair."""
+
+    def __init__(self, opts: MergeOptions, plan: MergePlan, out_tags: dict[str, str], device: torch.device, result: MergeResult):
+        self.opts, self.plan, self.out_tags, self.device, self.result = opts, plan, out_tags, device, result
+        self.scale_of = {w: s for w, s in scaled_fp8_scales(plan.base.tensors).items() if w in plan.patches}
+        self.weight_of = {s: w for w, s in self.scale_of.items()}
+        self.held: dict[str, torch.Tensor] = {}
+
+    def produce(self, name: str, buf: bytearray) -> torch.Tensor | bytearray:
+        if name in self.held:
+            return self.held.pop(name)
+        base = self.plan.base
+        info = base.tensors[name]
+        tag = self.out_tags[name]
+        if name in self.scale_of or name in self.weight_of:
+            return self._scaled_pair(name, buf)
+        patches = self.plan.patches.get(name)
+        if patches:
+            w32 = to_tensor(buf, info).to(device=self.device, dtype=torch.float32)
+            out = self._bake(name, w32, patches, tag)
+            return out
+        if tag != info.dtype:
+            t = to_tensor(buf, info).to(device=self.device, dtype=torch.float32)
+            self.result.tensors_cast += 1
+            return rounding.cast_to(t, tag, mode=self.opts.rounding, seed_key=name).cpu()
+        return buf
+
+    def _bake(self, name: str, w32: torch.Tensor, patches: list[PlannedPatch], tag: str) -> torch.Tensor:
+        new32 = delta.apply_patches(w32, [_math_patch(self.plan, p, self.device) for p in patches])
+        out = rounding.cast_to(new32, tag, mode=self.opts.rounding, seed_key=name)
+        self.result.lost[name] = rounding.lost_fraction(w32, new32, out)
+        self.result.tensors_changed += 1
+        return out.cpu()
+
+    def _scaled_pair(self, name: str, buf: bytearray) -> torch.Tensor:
+        """Dequantise codes·scale, patch, re-quantise with a recomputed scale; hold the partner."""
+        base = self.plan.base
+        weight = self.weight_of.get(name, name)
+        scale_key = self.scale_of[weight]
+        codes = to_tensor(buf, base.tensors[name]) if name == weight else base.read(weight)
+        scale = to_tensor(buf, base.tensors[name]) if name == scale_key else base.read(scale_key)
+        w32 = rounding.dequantize(codes.to(self.device), scale.to(self.device))
+        new32 = delta.apply_patches(w32, [_math_patch(self.plan, p, self.device) for p in self.plan.patches[weight]])
+        new_codes, new_scale = rounding.quantize_scaled(
+            new32, base.tensors[weight].dtype, scale_like=scale, mode=self.opts.rounding, seed_key=weight
+        )
+        realised = rounding.dequantize(new_codes, new_scale)
+        base_cast = rounding.dequantize(codes.to(self.device), scale.to(self.device))
+        self.result.lost[weight] = rounding.lost_fraction(w32, new32, realised, base_cast=base_cast)
+        self.result.tensors_changed += 1
+        produced = {weight: new_codes.cpu(), scale_key: new_scale.cpu()}
+        other = scale_key if name == weight else weight
+        self.held[other] = produced[other]
+        return produced[name]
+
+
 def _write_merged(
     opts: MergeOptions,
     plan: MergePlan,
@@ -172,31 +249,22 @@ def _write_merged(
     progress: Progress | None,
 ) -> None:
     base = plan.base
-    entries = []
-    for name, info in base.tensors.items():
-        tag = out_tag if (out_tag and dtypes.is_float(info.dtype)) else info.dtype
-        entries.append((name, tag, info.shape))
-    out_tags = {n: t for n, t, _ in entries}
+    if out_tag and scaled_fp8_scales(base.tensors):
+        raise UsageError(
+            "--dtype cannot convert a scaled-fp8 checkpoint (its fp8 weights need their scales)",
+            hint="use --dtype keep",
+        )
+    out_tags = {
+        name: out_tag if (out_tag and dtypes.is_float(info.dtype)) else info.dtype for name, info in base.tensors.items()
+    }
+    entries = [(name, out_tags[name], info.shape) for name, info in base.tensors.items()]
+    baker = _Baker(opts, plan, out_tags, device, result)
     started = time.perf_counter()
     inputs = [opts.base, *(s.path for s in opts.loras)]
-    with SafetensorsWriter(opts.output, entries, _metadata(opts, plan, result.lora_data_sha256), inputs=inputs, force=opts.force) as writer:
+    meta = _metadata(opts, plan, result.lora_data_sha256)
+    with SafetensorsWriter(opts.output, entries, meta, inputs=inputs, force=opts.force) as writer:
         for name, buf in base.iter_bytes(base.tensors, readahead_bytes=opts.readahead_bytes):
-            info = base.tensors[name]
-            tag = out_tags[name]
-            patches = plan.patches.get(name)
-            if patches:
-                w32 = to_tensor(buf, info).to(device=device, dtype=torch.float32)
-                new32 = delta.apply_patches(w32, [_math_patch(plan, p, device) for p in patches])
-                out = rounding.cast_to(new32, tag, mode=opts.rounding, seed_key=name)
-                result.lost[name] = rounding.lost_fraction(w32, new32, out)
-                writer.write(name, out.cpu())
-                result.tensors_changed += 1
-            elif tag != info.dtype:
-                t = to_tensor(buf, info).to(device=device, dtype=torch.float32)
-                writer.write(name, rounding.cast_to(t, tag, mode=opts.rounding, seed_key=name).cpu())
-                result.tensors_cast += 1
-            else:
-                writer.write(name, buf)
+            writer.write(name, baker.produce(name, buf))
             if progress:
                 progress(len(buf))
     result.output = opts.output

@@ -56,16 +56,21 @@ def _out(line: str = "") -> None:
 
 # -- progress ------------------------------------------------------------------------------
 class _Bar:
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, label: str) -> None:
         self.enabled = enabled
+        self.label = label
         self._progress: Progress | None = None
         self._task = None
 
     def start_for(self, plan) -> None:
+        """Start once the merge plan is known: the total is the base's data size."""
+        self.start_total(plan.base.data_size)
+
+    def start_total(self, total: int) -> None:
         if not self.enabled:
             return
         self._progress = Progress(
-            TextColumn("baking"),
+            TextColumn(self.label),
             BarColumn(),
             DownloadColumn(),
             TransferSpeedColumn(),
@@ -74,7 +79,7 @@ class _Bar:
             transient=True,
         )
         self._progress.start()
-        self._task = self._progress.add_task("bake", total=plan.base.data_size)
+        self._task = self._progress.add_task(self.label, total=total)
 
     def advance(self, nbytes: int) -> None:
         if self._progress is not None:
@@ -86,8 +91,8 @@ class _Bar:
 
 
 @contextlib.contextmanager
-def progress_bar(*, enabled: bool) -> Iterator[_Bar]:
-    bar = _Bar(enabled)
+def progress_bar(*, enabled: bool, label: str = "baking") -> Iterator[_Bar]:
+    bar = _Bar(enabled, label)
     try:
         yield bar
     finally:
@@ -292,3 +297,19 @@ def _rich_report(rep: dict) -> None:
         for k, v in other.items():
             mt.add_row(_esc(k, 80), _esc(v, META_DISPLAY_LIMIT))
         console.print(mt)
+
+
+# -- extract -------------------------------------------------------------------------------
+def print_extract(doc: dict) -> None:
+    _out(f"extracted {doc['modules']} modules [{doc['arch']}] from {_esc(doc['tuned'])} − {_esc(doc['base'])}")
+    _out(f"  rank {doc['rank_min']}..{doc['rank_max']} ({doc['rank_mode']}), dtype {doc['dtype']}")
+    _out(f"  relative error ‖ΔW − up·down·scale‖/‖ΔW‖: {doc['error']:.4g} overall")
+    worst = sorted(doc["per_module"], key=lambda m: m["error"], reverse=True)[:5]
+    for m in worst:
+        _out(f"    {_esc(m['stem'])}: rank {m['rank']}, error {m['error']:.4g}")
+    if doc["skipped"]:
+        _out("  skipped: " + ", ".join(f"{k} {v}" for k, v in doc["skipped"].items()))
+    if doc["unaddressable"]:
+        _out(f"  {len(doc['unaddressable'])} changed weights have no LoRA name and were left out")
+    _out(f"output: {_esc(doc['output'])}")
+    _out(f"  sha256: {doc['sha256']}  {doc['bytes_written']} bytes in {doc['timings'].get('total', 0):.2f} s")

@@ -40,7 +40,7 @@ def test_strength_that_is_not_a_number(tmp_path, monkeypatch):
         parse_lora_arg("a.safetensors:1:2:3")
 
 
-@pytest.mark.parametrize("command", ["merge", "inspect"])
+@pytest.mark.parametrize("command", ["merge", "inspect", "extract"])
 def test_help_shows_examples_and_exit_codes(command):
     res = CliRunner().invoke(cli, [command, "--help"])
     assert res.exit_code == 0

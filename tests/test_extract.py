@@ -299,3 +299,24 @@ def test_flux_fused_qkv_keeps_a_whole_matrix_name(tmp_path):
     assert res.modules[0].shape == (9216, 3072)
     meta = load_meta(res.output)
     assert meta["modelspec.architecture"] == "flux-1-dev/lora" and meta["ss_base_model_version"] == "flux1"
+
+
+def test_cli_extract_json_and_merge_back(sdxl_pair, tmp_path):
+    import json
+
+    from tests.cli_helpers import run_main
+
+    _, base_path, tuned_path, _, tuned, _ = sdxl_pair
+    out = tmp_path / "cli_lora.safetensors"
+    code, stdout, err = run_main(["extract", base_path, tuned_path, "-o", str(out), "--rank", "8", "--conv-rank", "8", "--json", "--device", "cpu"])
+    assert code == 0, err
+    doc = json.loads(stdout)
+    assert doc["modules"] == len(doc["per_module"]) > 0 and doc["error"] < 2e-3
+    merged = tmp_path / "merged.safetensors"
+    code, _, err = run_main(["merge", base_path, "--lora", str(out), "-o", str(merged)])
+    assert code == 0, err
+    baked = load_file(str(merged))
+    for key in tuned:
+        torch.testing.assert_close(baked[key], tuned[key], atol=2e-4, rtol=0)
+    code, _, err = run_main(["extract", base_path, tuned_path, "-o", str(out)])
+    assert code == 1 and "exists" in err
