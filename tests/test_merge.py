@@ -372,3 +372,71 @@ def test_output_dtype_conversion(tmp_path):
                 assert t.dtype == torch.bfloat16
             else:
                 assert torch.equal(t, base[key])  # int position_ids untouched
+
+
+def _has(device: str) -> bool:
+    if device == "cuda":
+        return torch.cuda.is_available()
+    if device == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        return bool(mps and mps.is_available())
+    return True
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto", "cuda", "mps"])
+def test_device_paths_agree_with_cpu(tmp_path, device):
+    if not _has(device):
+        pytest.skip(f"no {device} device here")
+    _, arch, patterns, dtype, naming, rows, metadata = CASES[0]
+    base, lora, lora_path = build_case(tmp_path, arch, patterns, dtype, naming, rows, metadata)
+    outs = {}
+    for dev in dict.fromkeys(("cpu", device)):
+        out = tmp_path / f"o-{dev}.safetensors"
+        code, _, err = run_main(["merge", str(tmp_path / "base.safetensors"), "--lora", lora_path, "-o", str(out), "--device", dev])
+        assert code == 0, err
+        outs[dev] = load_file(str(out))
+    want = expected_after(base, [(lora, 1.0)], rows, naming)
+    for _, key, _ in rows:
+        assert_close_in_dtype(outs[device][key], want[key], key, want["__magnitude__"][key])
+
+
+def test_unavailable_device_is_a_usage_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    _, arch, patterns, dtype, naming, rows, metadata = CASES[0]
+    _, _, lora_path = build_case(tmp_path, arch, patterns, dtype, naming, rows, metadata)
+    code, _, err = run_main(["merge", str(tmp_path / "base.safetensors"), "--lora", lora_path, "-o", str(tmp_path / "o.safetensors"), "--device", "cuda:3"])
+    assert code == 2 and "CUDA is not available" in err
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_diffusers_folder_base(tmp_path):
+    """A diffusers folder (model_index.json + unet/ + text_encoder/) reads as one logical model."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "pipe"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "text_encoder").mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    g = torch.Generator().manual_seed(0)
+    unet = {
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight": torch.randn(320, 768, generator=g),
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight": torch.randn(320, 320, generator=g),
+    }
+    te = {"text_model.encoder.layers.0.self_attn.q_proj.weight": torch.randn(768, 768, generator=g)}
+    save_file(unet, str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+    save_file(te, str(folder / "text_encoder" / "model.safetensors"))
+    rows = [("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k", "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight", None),
+            ("text_encoder.text_model.encoder.layers.0.self_attn.q_proj", "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.weight", None)]
+    lora = make_lora([("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k", 320, 768),
+                      ("text_encoder.text_model.encoder.layers.0.self_attn.q_proj", 768, 768)], naming="peft", rank=4)
+    lora_path = save_lora(str(tmp_path / "l.safetensors"), lora, {})
+    out = tmp_path / "o.safetensors"
+    code, stdout, err = run_main(["merge", str(folder), "--lora", lora_path, "-o", str(out), "--json"])
+    assert code == 0, err
+    merged = load_file(str(out))
+    base = {"unet." + k: v for k, v in unet.items()} | {"text_encoder." + k: v for k, v in te.items()}
+    assert set(merged) == set(base)
+    want = expected_after(base, [(lora, 1.0)], rows, "peft")
+    for _, key, _ in rows:
+        torch.testing.assert_close(merged[key].double(), want[key], rtol=0, atol=1e-5)
