@@ -136,7 +136,8 @@ def merge_json(result) -> dict:
             for i, lp in enumerate(plan.loras)
         ],
         "lost_to_rounding": {
-            "max": max(result.lost.values(), default=0.0),
+            # lost_fraction can stray a hair below 0 from fp32 noise; a report says 0 then
+            "max": max(0.0, max(result.lost.values(), default=0.0)),
             "tensors_over_5_percent": sorted(k for k, v in result.lost.items() if v > 0.05),
         },
     }
