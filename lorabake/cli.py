@@ -15,7 +15,7 @@ import traceback
 import click
 
 from lorabake import __version__
-from lorabake.errors import LorabakeError, UsageError
+from lorabake.errors import LorabakeError, UsageError, from_os_error
 from lorabake.plan import LoraSpec
 from lorabake.render import sanitize
 
@@ -56,27 +56,42 @@ def _on_sigterm(signum, frame):  # noqa: ARG001
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: maps errors to one `Error:` line and the documented exit codes."""
+    """Entry point: maps errors to one `Error:` line and the documented exit codes.
+
+    Anything that escapes as a Python exception (an `OSError` from a race after the up-front
+    checks, or a bug) is still one `Error:` line; `--debug` adds the traceback above it.
+    """
     signal.signal(signal.SIGTERM, _on_sigterm)
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         cli.main(args=argv, prog_name="lorabake", standalone_mode=False)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt, _Interrupted):
         click.echo("Interrupted: nothing was written.", err=True)
         sys.exit(130)
-    except (KeyboardInterrupt, _Interrupted):
-        click.echo("Interrupted: nothing was written.", err=True)
-        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
     except LorabakeError as exc:
-        if debug:
-            traceback.print_exc()
-        click.echo(f"Error: {sanitize(str(exc))}", err=True)
-        sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
+        _fail(exc, debug=debug)
+    except OSError as exc:
+        _fail(from_os_error(exc), debug=debug)
+    except Exception as exc:  # a bug: still one line, the traceback on request
+        _fail(
+            LorabakeError(
+                f"internal error: {type(exc).__name__}: {exc}",
+                hint="this is a bug in lorabake; rerun with --debug and report the traceback",
+            ),
+            debug=debug,
+        )
+
+
+def _fail(exc: LorabakeError, *, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    click.echo(f"Error: {sanitize(str(exc), one_line=True)}", err=True)
+    sys.exit(exc.exit_code)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
@@ -98,17 +113,26 @@ def parse_lora_arg(text: str) -> LoraSpec:
         numbers.insert(0, value)
         pieces.pop()
     path = ":".join(pieces)
-    if not numbers and ":" in text and not os.path.exists(text):
-        head, _, tail = text.rpartition(":")
-        if os.path.exists(head):
-            raise UsageError(f"strength {tail!r} in --lora {text!r} is not a number")
-    if len(numbers) == 2 and ":" in path and not os.path.exists(path):
-        head, _, tail = path.rpartition(":")
-        if os.path.exists(head):
-            raise UsageError(f"--lora {text!r} has more than two strengths")
+    if ":" in path and not os.path.exists(path):
+        _explain_bad_strengths(text)
     strength = numbers[0] if numbers else 1.0
     te = numbers[1] if len(numbers) > 1 else None
     return LoraSpec(path=path, strength=strength, te_strength=te)
+
+
+def _explain_bad_strengths(text: str) -> None:
+    """The path as parsed does not exist: if a shorter prefix does, the rest were meant as
+    strengths, so say which one is wrong (a usage error) instead of "no such file"."""
+    pieces = text.split(":")
+    for cut in range(len(pieces) - 1, 0, -1):
+        if os.path.exists(":".join(pieces[:cut])):
+            rest = pieces[cut:]
+            if len(rest) > 2:
+                raise UsageError(f"--lora {text!r} has more than two strengths")
+            for piece in rest:
+                if _number(piece) is None:
+                    raise UsageError(f"strength {piece!r} in --lora {text!r} is not a number")
+            return
 
 
 def _number(text: str) -> float | None:

@@ -5,6 +5,7 @@ The CLI turns a `LorabakeError` into one `Error:` line and exit code 1; `UsageEr
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 
 
@@ -62,3 +63,13 @@ class UsageError(LorabakeError):
     """The command line itself is wrong (unparseable strength, bad option value)."""
 
     exit_code = 2
+
+
+def from_os_error(exc: OSError) -> LorabakeError:
+    """An `OSError` that got past the up-front checks (a race, a full disk at open, EACCES, EIO)
+    as a `LorabakeError` naming the file and the problem in words."""
+    if exc.errno == errno.ENOSPC:
+        return OutputError("disk full", path=exc.filename, hint="free some space or write elsewhere with -o")
+    if exc.errno == errno.EDQUOT:
+        return OutputError("disk quota exceeded", path=exc.filename, hint="free some space or write elsewhere with -o")
+    return LorabakeError(exc.strerror or str(exc), path=exc.filename)

@@ -580,9 +580,14 @@ def build_metadata(opts: ExtractOptions, arch: str, result: ExtractResult) -> di
         "modelspec.architecture": f"{names['modelspec']}/lora",
         "modelspec.implementation": _IMPLEMENTATION.get(arch, "diffusers"),
         "modelspec.title": os.path.splitext(os.path.basename(opts.output))[0],
-        "modelspec.date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
         "modelspec.resolution": _RESOLUTION.get(arch, "1024x1024"),
     }
+    # A date only when the caller fixes one (reproducible builds' SOURCE_DATE_EPOCH): the same
+    # command must give the same bytes.
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch and epoch.isdigit():
+        stamp = datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc)
+        meta["modelspec.date"] = stamp.isoformat()
     if conv:
         conv_dim = "Dynamic" if dynamic else str(opts.conv_rank or opts.rank)
         conv_alpha = alpha if opts.alpha is not None else conv_dim

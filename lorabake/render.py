@@ -20,13 +20,22 @@ from rich.progress import (
 )
 from rich.table import Table
 
+# C0/C1 controls (ESC starts terminal sequences, CR rewrites the line, BEL rings), DEL, and the
+# bidirectional overrides and isolates that make text display in a different order than it reads.
+_BIDI = [*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C]
 _CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)] if c != 0x0A}
+_CONTROL.update({c: f"\\u{c:04x}" for c in _BIDI})
+_ONE_LINE = {**_CONTROL, 0x0A: "\\n"}
 META_DISPLAY_LIMIT = 200
 
 
-def sanitize(text: object, limit: int | None = None) -> str:
-    """Escape terminal control characters from file-supplied text; cut very long values."""
-    out = str(text).translate(_CONTROL)
+def sanitize(text: object, limit: int | None = None, *, one_line: bool = False) -> str:
+    """Escape terminal control characters from file-supplied text; cut very long values.
+
+    Newlines are kept (multi-line metadata stays readable) unless `one_line`, which escapes them
+    too: an error message must stay on its one `Error:` line.
+    """
+    out = str(text).translate(_ONE_LINE if one_line else _CONTROL)
     if limit is not None and len(out) > limit:
         out = out[:limit] + f"… ({len(out) - limit} more characters)"
     return out
@@ -139,6 +148,8 @@ def merge_json(result) -> dict:
             # lost_fraction can stray a hair below 0 from fp32 noise; a report says 0 then
             "max": max(0.0, max(result.lost.values(), default=0.0)),
             "tensors_over_5_percent": sorted(k for k, v in result.lost.items() if v > 0.05),
+            # per targeted tensor: 1 − ⟨realised, intended⟩/‖intended‖² (rounding.lost_fraction)
+            "per_tensor": {k: result.lost[k] for k in sorted(result.lost)},
         },
     }
 
@@ -235,30 +246,35 @@ def _summary_rows(rep: dict) -> list[tuple[str, str]]:
 
 
 def _plain_report(rep: dict) -> None:
-    print(f"{sanitize(rep['path'])}:")
+    print(f"{_one(rep['path'])}:")
     for k, v in _summary_rows(rep):
-        print(f"  {k}: {sanitize(v, 500)}")
+        print(f"  {k}: {_one(v, 500)}")
     if rep["kind"] == "checkpoint":
         for name, c in rep["components"].items():
             dts = ", ".join(f"{k} {v}" for k, v in c["dtypes"].items())
             print(f"  component {name}: {c['kind']} root {c['root']!r} params {c['params']:,} tensors {c['tensors']} ({dts})")
     else:
         for k, v in rep["training"].items():
-            print(f"  {k}: {sanitize(v, META_DISPLAY_LIMIT)}")
+            print(f"  {k}: {_one(v, META_DISPLAY_LIMIT)}")
     cov = rep.get("coverage")
     if cov:
         _plain_coverage(cov)
     for k, v in rep["metadata"].items():
         if k not in rep.get("training", {}) and k != "ss_tag_frequency":
-            print(f"  meta {sanitize(k, 80)}: {sanitize(v, META_DISPLAY_LIMIT)}")
+            print(f"  meta {_one(k, 80)}: {_one(v, META_DISPLAY_LIMIT)}")
+
+
+def _one(text: object, limit: int | None = None) -> str:
+    """Plain output is one fact per line: a newline in a value must not start a fake line."""
+    return sanitize(text, limit, one_line=True)
 
 
 def _plain_coverage(cov: dict) -> None:
-    print(f"  against {sanitize(cov['base'])} [{cov['base_architecture']}]:")
+    print(f"  against {_one(cov['base'])} [{cov['base_architecture']}]:")
     for status in ("applied", "skipped", "unmatched"):
         print(f"    {status}: {_counts_text(cov[status])}")
     for row in cov["details"]:
-        print(f"    {row['status']}: {sanitize(row['module'])}: {sanitize(row['reason'])}")
+        print(f"    {row['status']}: {_one(row['module'])}: {_one(row['reason'])}")
 
 
 def _rich_report(rep: dict) -> None:

@@ -77,7 +77,16 @@ def read_header(path: str | os.PathLike) -> Header:
             raise HeaderError("file is empty, not a safetensors file", path=path)
         if file_size < 8:
             raise HeaderError(f"file is {file_size} bytes, shorter than the 8-byte header length", path=path)
-        (header_len,) = struct.unpack("<Q", fh.read(8))
+        head = fh.read(8)
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > file_size:
+            foreign = _foreign_format(head)
+            if foreign:
+                raise HeaderError(
+                    f"{foreign}, not a safetensors file",
+                    path=path,
+                    hint="convert it to .safetensors first with a tool you trust; never load pickles you did not make",
+                )
         if header_len > MAX_HEADER_BYTES:
             raise HeaderError(
                 f"header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte cap", path=path
@@ -88,6 +97,25 @@ def read_header(path: str | os.PathLike) -> Header:
             )
         raw = fh.read(header_len)
     return parse_header(raw, path=path, file_size=file_size)
+
+
+# Magic numbers of formats people rename to .safetensors by mistake. Only consulted once the
+# first 8 bytes have already failed as a header length, so a real header is never misread.
+_FOREIGN_MAGIC = (
+    (b"PK\x03\x04", "is a zip archive (PyTorch's torch.save format: a pickle inside)"),
+    (b"\x80\x02", "looks like a Python pickle (.ckpt/.pt/.bin)"),
+    (b"\x80\x03", "looks like a Python pickle (.ckpt/.pt/.bin)"),
+    (b"\x80\x04", "looks like a Python pickle (.ckpt/.pt/.bin)"),
+    (b"\x80\x05", "looks like a Python pickle (.ckpt/.pt/.bin)"),
+    (b"GGUF", "is a GGUF file"),
+)
+
+
+def _foreign_format(head: bytes) -> str | None:
+    for magic, what in _FOREIGN_MAGIC:
+        if head.startswith(magic):
+            return what
+    return None
 
 
 def parse_header(raw: bytes, *, path: str, file_size: int) -> Header:
