@@ -365,6 +365,15 @@ def _text_encoder_names(modules: Mapping[str, _Module], kind: str) -> dict[str, 
         for m, out in names.items():
             if not m.startswith("text_projection"):
                 out.append(_Name("hf", "text_model." + m, Alias("text_model." + m)))
+    if naming == "openclip" or kind.startswith("clip"):
+        # transformers >= 5 CLIPTextModel (not …WithProjection) has no `text_model` level, so PEFT/diffusers
+        # LoRAs trained on it say `text_encoder.encoder.layers.0.…`: the module `text_model.encoder.…`.
+        # Registered for every CLIP slot: unambiguous, and which class a trainer used is not ours to know.
+        for out in names.values():
+            for n in list(out):
+                if n.family == "hf" and n.name.startswith("text_model."):
+                    flat = n.name[len("text_model.") :]
+                    out.append(_Name("hf_flat", flat, (n.alias or Alias(n.name))._replace(name=flat)))
     return names
 
 

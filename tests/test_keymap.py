@@ -82,6 +82,9 @@ ROWS = [
     ("sd1", "base_model.model.down_blocks.2.attentions.1.proj_out", U + "input_blocks.8.1.proj_out.weight", None, None),
     ("sd1", "unet.base_model.model.mid_block.resnets.1.conv2", U + "middle_block.2.out_layers.3.weight", None, None),
     ("sd1", "text_encoder.text_model.encoder.layers.0.self_attn.q_proj", SD1_TE + "encoder.layers.0.self_attn.q_proj.weight", None, None),
+    # diffusers training scripts on transformers 5: CLIPTextModel lost its `text_model.` level
+    ("sd1", "text_encoder.encoder.layers.0.self_attn.q_proj", SD1_TE + "encoder.layers.0.self_attn.q_proj.weight", None, None),
+    ("sd1", "lora_te_encoder_layers_0_mlp_fc1", SD1_TE + "encoder.layers.0.mlp.fc1.weight", None, None),
     # LyCORIS wrapper / SimpleTuner
     ("sd1", "lycoris_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k",
      U + "input_blocks.1.1.transformer_blocks.0.attn1.to_k.weight", None, None),
