@@ -249,6 +249,24 @@ def _check_dora_shape(algo: str, shapes: Mapping[str, Shape], natural: Shape) ->
     raise _err(algo, f"{mags[0]} shape {list(m)} fits neither the output axis ({out}) nor an input axis of {list(natural)}")
 
 
+# algo -> the natural shape of ΔW from part shapes (linear adapters and glora).
+_NATURAL_SHAPE = {
+    "lora": _lora_shape,
+    "loha": _loha_shape,
+    "lokr": _lokr_shape,
+    "full": lambda shapes: _need("full", shapes, "diff")[0],
+    "norm": lambda shapes: _need("norm", shapes, "w_norm")[0],
+    "set": lambda shapes: _need("set", shapes, "set_weight")[0],
+    "glora": _glora_shape,
+}
+# algo -> header-only check of an adapter whose ΔW shape the weight decides.
+_CHECK_WEIGHT_DEPENDENT = {
+    "oft": lambda shapes, algo: _oft_out(shapes, algo),
+    "boft": lambda shapes, algo: _oft_out(shapes, algo),
+    "ia3": lambda shapes, algo: _need(algo, shapes, "ia3_weight"),
+}
+
+
 def delta_shape(algo: str, shapes: Mapping[str, Shape], *, param: str = "weight") -> Shape | None:
     """The natural shape of ΔW (or of the bias delta) from part shapes alone, for preflight.
 
@@ -263,43 +281,30 @@ def delta_shape(algo: str, shapes: Mapping[str, Shape], *, param: str = "weight"
         return _bias_shape(algo, shapes)
     if param != "weight":
         raise ValueError(f"param must be 'weight' or 'bias', not {param!r}")
-    if algo == "lora":
-        natural = _lora_shape(shapes)
-    elif algo == "loha":
-        natural = _loha_shape(shapes)
-    elif algo == "lokr":
-        natural = _lokr_shape(shapes)
-    elif algo == "full":
-        (natural,) = _need(algo, shapes, "diff")
-    elif algo == "norm":
-        (natural,) = _need(algo, shapes, "w_norm")
-    elif algo == "set":
-        (natural,) = _need(algo, shapes, "set_weight")
-    elif algo == "glora":
-        natural = _glora_shape(shapes)
-    else:
+    natural_of = _NATURAL_SHAPE.get(algo)
+    if natural_of is None:  # oft, boft, ia3: the weight decides (see `fits`)
         if any(p in shapes for p in DORA_PARTS):
             raise _err(algo, f"DoRA is only defined for {', '.join(DORA_ALGOS)}")
-        if algo in ("oft", "boft"):
-            _oft_out(shapes, algo)
-        else:  # ia3
-            _need(algo, shapes, "ia3_weight")
+        _CHECK_WEIGHT_DEPENDENT[algo](shapes, algo)
         return None
+    natural = natural_of(shapes)
     _check_dora_shape(algo, shapes, natural)
     return natural
 
 
+# algo -> the part that carries its bias delta (formats.md §2.9; PEFT lora_B.bias).
+_BIAS_PART = {"full": "diff_b", "norm": "b_norm", "lora": "up_bias"}
+
+
 def _bias_shape(algo: str, shapes: Mapping[str, Shape]) -> Shape:
-    if algo == "full":
-        (s,) = _need(algo, shapes, "diff_b")
-    elif algo == "norm":
-        (s,) = _need(algo, shapes, "b_norm")
-    elif algo == "lora":
-        s, down = _need(algo, shapes, "up_bias", "down")
+    part = _BIAS_PART.get(algo)
+    if part is None:
+        raise _err(algo, "has no bias delta (only full diff_b, norm b_norm and lora up_bias do)")
+    (s,) = _need(algo, shapes, part)
+    if algo == "lora":
+        _need(algo, shapes, "down")  # the rank that scales up_bias
         if "up" in shapes and _prod(s) != shapes["up"][0]:
             raise _err(algo, f"up_bias has {_prod(s)} values, up has {shapes['up'][0]} rows")
-    else:
-        raise _err(algo, "has no bias delta (only full diff_b, norm b_norm and lora up_bias do)")
     return s
 
 
@@ -315,24 +320,30 @@ def fits(algo: str, shapes: Mapping[str, Shape], target: Shape) -> bool:
     return len(target) >= 2 and n in (target[0], target[1])
 
 
+def _lokr_rank(shapes: Mapping[str, Shape]) -> int | None:
+    """ComfyUI/A1111: w2's rank when w2 is factored, else w1's; both full → alpha ignored (E14)."""
+    if "lokr_w2" not in shapes:
+        return int(_need("lokr", shapes, "lokr_w2_b")[0][0])
+    if "lokr_w1" not in shapes:
+        return int(_need("lokr", shapes, "lokr_w1_b")[0][0])
+    return None
+
+
+# algo -> the rank alpha is divided by, from part shapes (formats.md §1.3); absent: alpha never applies.
+_RANK = {
+    "lora": lambda shapes: int(_need("lora", shapes, "down")[0][0]),
+    "loha": lambda shapes: int(_need("loha", shapes, "hada_w1_b")[0][0]),
+    "lokr": _lokr_rank,
+    "glora": lambda shapes: int(_need("glora", shapes, "glora_a2")[0][0]),
+}
+
+
 def rank_of(algo: str, shapes: Mapping[str, Shape]) -> int | None:
     """The rank alpha is divided by (formats.md §1.3), or None when alpha does not apply."""
-    if algo == "lora":
-        return int(_need(algo, shapes, "down")[0][0])
-    if algo == "loha":
-        return int(_need(algo, shapes, "hada_w1_b")[0][0])
-    if algo == "lokr":
-        # ComfyUI/A1111: w2's rank when w2 is factored, else w1's; both full → alpha ignored.
-        if "lokr_w2" not in shapes:
-            return int(_need(algo, shapes, "lokr_w2_b")[0][0])
-        if "lokr_w1" not in shapes:
-            return int(_need(algo, shapes, "lokr_w1_b")[0][0])
-        return None
-    if algo == "glora":
-        return int(_need(algo, shapes, "glora_a2")[0][0])
-    if algo in ALGORITHMS:
-        return None
-    raise _unsupported(algo)
+    if algo not in ALGORITHMS:
+        raise _unsupported(algo)
+    rank = _RANK.get(algo)
+    return rank(shapes) if rank else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,7 +439,14 @@ def _lokr_raw(p: Mapping[str, Tensor]) -> Tensor:
     return torch.kron(w1, w2.contiguous())
 
 
-_RAW = {"lora": _lora_raw, "loha": _loha_raw, "lokr": _lokr_raw}
+# algo -> unscaled ΔW from parts already cast to the compute dtype.
+_RAW = {
+    "lora": _lora_raw,
+    "loha": _loha_raw,
+    "lokr": _lokr_raw,
+    "full": lambda p: p["diff"],
+    "norm": lambda p: p["w_norm"],
+}
 
 
 def _cast_parts(parts: Mapping[str, Tensor], dtype: torch.dtype, device: torch.device | None) -> dict[str, Tensor]:
@@ -498,14 +516,10 @@ def _linear_delta(
 ) -> Tensor:
     delta_shape(algo, _shapes(parts))  # consistency first: clear errors instead of matmul ones
     p = _cast_parts({k: v for k, v in parts.items() if k not in BIAS_PARTS}, dtype, device)
-    if algo in _RAW:
-        dw = _RAW[algo](p) * scale_of(algo, parts, alpha_override=alpha_override)
-    elif algo == "full":
-        dw = p["diff"] * scale_of(algo, parts)
-    elif algo == "norm":
-        dw = p["w_norm"] * scale_of(algo, parts)
-    else:  # set: the new value, not a difference; apply_patches handles it
+    raw = _RAW.get(algo)
+    if raw is None:  # set: the new value, not a difference; apply_patches handles it
         raise _err(algo, "set_weight replaces the weight; it has no ΔW")
+    dw = raw(p) * scale_of(algo, parts, alpha_override=alpha_override)
     return _check_finite(algo, _fit(algo, dw, out_shape))
 
 
@@ -515,12 +529,7 @@ def bias_delta(
     """Δb: `diff_b` (full), `b_norm` (norm), or scale·`up_bias` (lora, PEFT lora_B.bias)."""
     _bias_shape(algo, _shapes(parts))
     dtype = _compute_dtype(parts, None)
-    if algo == "full":
-        db = parts["diff_b"].to(dtype) * scale_of(algo, parts)
-    elif algo == "norm":
-        db = parts["b_norm"].to(dtype) * scale_of(algo, parts)
-    else:
-        db = parts["up_bias"].to(dtype) * scale_of(algo, parts, alpha_override=alpha_override)
+    db = parts[_BIAS_PART[algo]].to(dtype) * scale_of(algo, parts, alpha_override=alpha_override)
     return _check_finite(algo, _fit(algo, db, out_shape, "bias delta"), "bias delta")
 
 
@@ -560,7 +569,7 @@ def _oft_constraint(algo: str, p: Mapping[str, Tensor], out_dim: int) -> float:
     return _scalar(p["alpha"], "alpha", algo) * out_dim if "alpha" in p else 0.0
 
 
-def _oft(w: Tensor, p: Mapping[str, Tensor], s: float) -> Tensor:
+def _oft(w: Tensor, p: Mapping[str, Tensor], s: float, alpha_override: float | None = None) -> Tensor:
     algo = "oft"
     if "oft_blocks" in p:
         r = _cayley(p["oft_blocks"], _oft_constraint(algo, p, w.shape[0]))
@@ -575,7 +584,7 @@ def _oft(w: Tensor, p: Mapping[str, Tensor], s: float) -> Tensor:
     return _rescale(algo, new, p, s)
 
 
-def _boft(w: Tensor, p: Mapping[str, Tensor], s: float) -> Tensor:
+def _boft(w: Tensor, p: Mapping[str, Tensor], s: float, alpha_override: float | None = None) -> Tensor:
     algo = "boft"
     m, n, b, _ = p["oft_blocks"].shape
     out = w.shape[0]
@@ -608,7 +617,7 @@ def _glora(w: Tensor, p: Mapping[str, Tensor], s: float, alpha_override: float |
     return w + s * _check_finite(algo, dw).reshape(w.shape)
 
 
-def _ia3(w: Tensor, p: Mapping[str, Tensor], s: float) -> Tensor:
+def _ia3(w: Tensor, p: Mapping[str, Tensor], s: float, alpha_override: float | None = None) -> Tensor:
     algo = "ia3"
     vec = p["ia3_weight"].reshape(-1)
     on_input = bool(_scalar(p["on_input"], "on_input", algo)) if "on_input" in p else False
@@ -622,20 +631,18 @@ def _ia3(w: Tensor, p: Mapping[str, Tensor], s: float) -> Tensor:
     return w * (1 + s * vec.reshape(shape))
 
 
+# algo -> W' = f(W, parts, strength, alpha_override) for adapters whose result depends on W.
+_WEIGHT_DEPENDENT = {"oft": _oft, "boft": _boft, "glora": _glora, "ia3": _ia3}
+
+
 def _apply_weight_dependent(
     algo: str, w: Tensor, parts: Mapping[str, Tensor], s: float, *, alpha_override: float | None
 ) -> Tensor:
     p = _cast_parts(parts, w.dtype, w.device)
-    if algo == "oft":
-        new = _oft(w, p, s)
-    elif algo == "boft":
-        new = _boft(w, p, s)
-    elif algo == "glora":
-        new = _glora(w, p, s, alpha_override)
-    elif algo == "ia3":
-        new = _ia3(w, p, s)
-    else:
+    apply = _WEIGHT_DEPENDENT.get(algo)
+    if apply is None:
         raise _unsupported(algo)
+    new = apply(w, p, s, alpha_override)
     return _check_finite(algo, new, "patched weight")
 
 
