@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lorabake import __version__, delta, devices, dtypes, rounding
-from lorabake.errors import LoraFormatError, MatchError, UsageError
+from lorabake.errors import InputError, LoraFormatError, MatchError, UsageError
 from lorabake.plan import BIAS_PARTS, LoraSpec, MergePlan, PlannedPatch, plan_merge
 from lorabake.st_reader import SafetensorsReader, check_input_path, to_tensor
 from lorabake.st_writer import SafetensorsWriter, check_output_path
@@ -25,7 +26,9 @@ from lorabake.st_writer import SafetensorsWriter, check_output_path
 Progress = Callable[[int], None]
 
 # Read-ahead budget for the base checkpoint: enough to keep the disk busy while we compute.
-DEFAULT_READAHEAD = 256 << 20
+DEFAULT_READAHEAD = 64 << 20
+# Bytes handed to the writer's threads but not yet written and hashed.
+WRITE_QUEUE_BYTES = 32 << 20
 # A targeted tensor whose delta lost more than this fraction to rounding is listed in the summary.
 LOST_DELTA_WARN = 0.05
 
@@ -169,9 +172,12 @@ SCALE_SUFFIXES = ("scale_weight", "weight_scale")
 
 
 def scaled_fp8_scales(tensors: dict) -> dict[str, str]:
-    """weight key -> its scale tensor's key, for a scaled-fp8 base (empty for any other base)."""
-    if not any(name.rsplit(".", 1)[-1] == SCALED_FP8_MARKER for name in tensors):
-        return {}
+    """weight key -> its scale tensor's key, for a scaled-fp8 base (empty for any other base).
+
+    An fp8 weight with a `scale_weight`/`weight_scale` sibling is scaled whether or not the file
+    has the `scaled_fp8` marker (ComfyUI's newer per-layer quant format drops the marker): adding
+    ΔW to raw codes would be wrong by the scale factor (E5).
+    """
     out = {}
     for name, info in tensors.items():
         if not name.endswith(".weight") or info.dtype not in rounding.FP8_TAGS:
@@ -190,6 +196,16 @@ class _Baker:
         self.opts, self.plan, self.out_tags, self.device, self.result = opts, plan, out_tags, device, result
         self.scale_of = {w: s for w, s in scaled_fp8_scales(plan.base.tensors).items() if w in plan.patches}
         self.weight_of = {s: w for w, s in self.scale_of.items()}
+        for w, s in self.scale_of.items():  # before any byte is written: per-tensor or per-row only
+            shape, rows = plan.base.tensors[s].shape, plan.base.tensors[w].shape[0]
+            if math.prod(shape) not in (1, rows):
+                raise InputError(
+                    f"scale {list(shape)} of a scaled-fp8 weight {list(plan.base.tensors[w].shape)} is block-wise; "
+                    "only per-tensor and per-row scales can be re-quantised",
+                    path=plan.base.path,
+                    tensor=s,
+                    hint="bake into a bf16/fp16 copy of the model instead",
+                )
         self.held: dict[str, torch.Tensor] = {}
 
     def produce(self, name: str, buf: bytearray) -> torch.Tensor | bytearray:
@@ -262,7 +278,11 @@ def _write_merged(
     started = time.perf_counter()
     inputs = [opts.base, *(s.path for s in opts.loras)]
     meta = _metadata(opts, plan, result.lora_data_sha256)
-    with SafetensorsWriter(opts.output, entries, meta, inputs=inputs, force=opts.force) as writer:
+    # Pipeline: read-ahead thread -> compute here -> writer thread (write + file hash) and a
+    # data-hash thread, so the copy and both SHA-256 passes overlap the compute.
+    with SafetensorsWriter(
+        opts.output, entries, meta, inputs=inputs, force=opts.force, background_bytes=WRITE_QUEUE_BYTES
+    ) as writer:
         for name, buf in base.iter_bytes(base.tensors, readahead_bytes=opts.readahead_bytes):
             writer.write(name, baker.produce(name, buf))
             if progress:

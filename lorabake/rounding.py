@@ -126,8 +126,34 @@ def lost_fraction(base32: Tensor, new32: Tensor, cast: Tensor, *, base_cast: Ten
     delta's component that survived, not the noise (use `relative_error` for that). Values may
     leave [0, 1] slightly (overshoot, noise). 0.0 when the intended delta is zero.
     """
+    if base32.dtype != torch.float32 or new32.dtype != torch.float32:
+        dot = norm2 = 0.0
+        for intended, realised in _deltas(base32, new32, cast, base_cast):
+            dot += float(torch.dot(intended, realised))
+            norm2 += float(torch.dot(intended, intended))
+        return 0.0 if norm2 == 0.0 else 1.0 - dot / norm2
+    # One pass over cache-sized chunks with two reused fp32 buffers: no full-size temporaries
+    # (the base's cast included, which is made chunk by chunk).
+    b, n, c = base32.reshape(-1), new32.reshape(-1), cast.reshape(-1)
+    bc = base_cast.reshape(-1) if base_cast is not None else None
+    narrow_tag = None if cast.dtype in (torch.float32, torch.float64) else dtypes.tag_of(cast.dtype)
+    size = min(_FUSED_CHUNK, b.numel())
+    ibuf = torch.empty(size, dtype=torch.float32, device=b.device)
+    rbuf = torch.empty(size, dtype=torch.float32, device=b.device)
     dot = norm2 = 0.0
-    for intended, realised in _deltas(base32, new32, cast, base_cast):
+    for start in range(0, b.numel(), _FUSED_CHUNK):
+        sl = slice(start, start + _FUSED_CHUNK)
+        bs = b[sl]
+        k = bs.numel()
+        intended, realised = ibuf[:k], rbuf[:k]
+        torch.sub(n[sl], bs, out=intended)
+        realised.copy_(c[sl])
+        if bc is not None:
+            realised.sub_(bc[sl].float())
+        elif narrow_tag is not None:
+            realised.sub_(cast_to(bs, narrow_tag).float())
+        else:
+            realised.sub_(bs)
         dot += float(torch.dot(intended, realised))
         norm2 += float(torch.dot(intended, intended))
     return 0.0 if norm2 == 0.0 else 1.0 - dot / norm2
@@ -144,6 +170,7 @@ def relative_error(base32: Tensor, new32: Tensor, cast: Tensor, *, base_cast: Te
 
 
 _STAT_CHUNK = 1 << 20  # fp32 dot products over short runs, summed in Python floats (fp64)
+_FUSED_CHUNK = 1 << 18  # lost_fraction's chunk: 1 MiB fp32 buffers stay in cache
 
 
 def _deltas(base32: Tensor, new32: Tensor, cast: Tensor, base_cast: Tensor | None):

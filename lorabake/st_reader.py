@@ -103,9 +103,22 @@ class SafetensorsReader:
 
     def read_bytes(self, name: str) -> bytearray:
         """The raw bytes of tensor `name`, in a buffer of its own."""
+        buf = bytearray(self._where[name].info.nbytes)
+        self._read_into(name, memoryview(buf))
+        return buf
+
+    def read_view(self, name: str) -> memoryview:
+        """Like `read_bytes`, as a memoryview of a fresh uninitialised buffer (no zero-fill pass).
+
+        Supports what the streaming paths need: len, slicing, hashing, `to_tensor`, writing.
+        """
+        view = _empty_buffer(self._where[name].info.nbytes)
+        self._read_into(name, view)
+        return view
+
+    def _read_into(self, name: str, view: memoryview) -> None:
         loc = self._where[name]
-        buf = bytearray(loc.info.nbytes)
-        view = memoryview(buf)
+        buf = view
         fd = self._fd(loc.header.path)
         pos = loc.header.data_offset + loc.info.start
         done = 0
@@ -118,16 +131,16 @@ class SafetensorsReader:
                     tensor=name,
                 )
             done += got
-        return buf
 
     def read(self, name: str) -> torch.Tensor:
         """Tensor `name` as a CPU torch tensor (its own memory, no mmap)."""
-        return to_tensor(self.read_bytes(name), self.tensors[name])
+        return to_tensor(self.read_view(name), self.tensors[name])
 
     def iter_bytes(
         self, names: Iterable[str], *, readahead_bytes: int = 0
-    ) -> Iterator[tuple[str, bytearray]]:
-        """Yield (name, raw bytes) in the given order; read ahead on a thread within a byte budget.
+    ) -> Iterator[tuple[str, memoryview]]:
+        """Yield (name, raw bytes as a `read_view` memoryview) in the given order; read ahead on a
+        thread within a byte budget.
 
         With `readahead_bytes=0` reads happen on the caller's thread. Otherwise a reader thread
         stays ahead while the tensors it has read but not yet handed over fit in the budget (one
@@ -136,7 +149,7 @@ class SafetensorsReader:
         names = list(names)
         if readahead_bytes <= 0:
             for name in names:
-                yield name, self.read_bytes(name)
+                yield name, self.read_view(name)
             return
         yield from _prefetch(self, names, readahead_bytes)
 
@@ -152,7 +165,14 @@ class SafetensorsReader:
         self.close()
 
 
-def to_tensor(buf: bytearray, info: TensorInfo) -> torch.Tensor:
+def _empty_buffer(nbytes: int) -> memoryview:
+    """A writable byte buffer that is not zero-filled (bytearray(n) memsets every byte first)."""
+    if nbytes == 0:
+        return memoryview(bytearray(0))
+    return memoryview(torch.empty(nbytes, dtype=torch.uint8).numpy())
+
+
+def to_tensor(buf: bytearray | memoryview, info: TensorInfo) -> torch.Tensor:
     dt = dtypes.BY_TAG[info.dtype].torch
     if dt is None:
         raise HeaderError(f"torch cannot represent dtype {info.dtype}", tensor=info.name)
@@ -161,7 +181,7 @@ def to_tensor(buf: bytearray, info: TensorInfo) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=dt).reshape(info.shape)
 
 
-def _prefetch(reader: SafetensorsReader, names: list[str], budget: int) -> Iterator[tuple[str, bytearray]]:
+def _prefetch(reader: SafetensorsReader, names: list[str], budget: int) -> Iterator[tuple[str, memoryview]]:
     done = object()
     slots = threading.Condition()
     in_flight = [0]
@@ -177,7 +197,7 @@ def _prefetch(reader: SafetensorsReader, names: list[str], budget: int) -> Itera
                     if stop.is_set():
                         return
                     in_flight[0] += size
-                out.put((name, reader.read_bytes(name)))
+                out.put((name, reader.read_view(name)))
             out.put(done)
         except BaseException as exc:  # handed to the consumer, re-raised there
             out.put(exc)
@@ -193,7 +213,7 @@ def _prefetch(reader: SafetensorsReader, names: list[str], budget: int) -> Itera
                 raise item
             name, buf = item
             with slots:
-                in_flight[0] -= len(buf)
+                in_flight[0] -= buf.nbytes
                 slots.notify_all()
             yield name, buf
     finally:

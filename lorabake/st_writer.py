@@ -5,6 +5,11 @@ header, then accepts tensors strictly in the declared order and size. Bytes go t
 file beside the target (named `.<target>.lorabake-tmp-<pid>`), which is fsynced and renamed
 onto the target only when complete. Any exception, KeyboardInterrupt included, removes it.
 SHA-256 of the whole file and of the data section are computed while writing.
+
+With `background_bytes > 0`, `write` only validates and queues: one thread writes and hashes
+the file, another hashes the data section, so both hashes (~1.2 GB/s each on one core) and the
+write overlap the caller's compute. Queued bytes stay within the budget (one larger chunk goes
+alone); an error in a worker is raised by the next `write` or by `commit`.
 """
 
 from __future__ import annotations
@@ -12,9 +17,11 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import queue
 import shutil
 import struct
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -61,6 +68,7 @@ class SafetensorsWriter:
         inputs: Iterable[str] = (),
         force: bool = False,
         check_space: bool = True,
+        background_bytes: int = 0,
     ) -> None:
         self.target = os.fspath(target)
         check_output_path(self.target, inputs=inputs, force=force)
@@ -91,6 +99,8 @@ class SafetensorsWriter:
         self._sha_data = hashlib.sha256()
         self.sha256: str | None = None
         self.data_sha256: str | None = None
+        self._background_bytes = background_bytes
+        self._pipe: _Pipe | None = None
 
     def __enter__(self) -> SafetensorsWriter:
         self._open()
@@ -107,9 +117,18 @@ class SafetensorsWriter:
             self._file = open(self.tmp, "wb")
             prefix = struct.pack("<Q", len(self.header_bytes)) + self.header_bytes
             self._raw_write(prefix, data=False)
+            if self._background_bytes > 0:
+                self._pipe = _Pipe(self._background_bytes, [self._write_and_hash, self._sha_data.update])
         except BaseException:
             self.abort()
             raise
+
+    def _write_and_hash(self, chunk: bytes | bytearray | memoryview) -> None:
+        try:
+            self._file.write(chunk)
+        except OSError as exc:
+            raise _os_error(exc, self.target) from None
+        self._sha_file.update(chunk)
 
     def _raw_write(self, chunk: bytes | bytearray | memoryview, *, data: bool) -> None:
         try:
@@ -150,11 +169,15 @@ class SafetensorsWriter:
                 )
             data = tensor_bytes(data)
         start, end = self.spans[self._next]
-        if len(data) != end - start:
+        size = data.nbytes if isinstance(data, memoryview) else len(data)
+        if size != end - start:
             raise WriterProtocolError(
-                f"{len(data)} bytes given, {end - start} declared", path=self.target, tensor=name
+                f"{size} bytes given, {end - start} declared", path=self.target, tensor=name
             )
-        self._raw_write(data, data=True)
+        if self._pipe is not None:
+            self._pipe.put(data, size)
+        else:
+            self._raw_write(data, data=True)
         self._next += 1
 
     def commit(self) -> None:
@@ -168,6 +191,9 @@ class SafetensorsWriter:
                     path=self.target,
                     tensor=self.entries[self._next][0],
                 )
+            if self._pipe is not None:
+                pipe, self._pipe = self._pipe, None
+                pipe.close()
             try:
                 self._file.flush()
                 os.fsync(self._file.fileno())
@@ -185,6 +211,9 @@ class SafetensorsWriter:
 
     def abort(self) -> None:
         """Remove the temporary file; nothing appears at the target."""
+        if self._pipe is not None:
+            pipe, self._pipe = self._pipe, None
+            pipe.cancel()
         if self._file is not None:
             try:
                 self._file.close()
@@ -195,6 +224,70 @@ class SafetensorsWriter:
             os.unlink(self.tmp)
         except FileNotFoundError:
             pass
+
+
+class _Pipe:
+    """Hands each chunk, in order, to every consumer on a thread of its own, within a byte budget."""
+
+    def __init__(self, budget: int, consumers: list[Callable[[memoryview], object]]) -> None:
+        self.budget = budget
+        self.cv = threading.Condition()
+        self.in_flight = 0
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self.queues: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in consumers]
+        self.threads = [
+            threading.Thread(target=self._run, args=(q, fn), name=f"lorabake-writer-{i}", daemon=True)
+            for i, (q, fn) in enumerate(zip(self.queues, consumers))
+        ]
+        for t in self.threads:
+            t.start()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def put(self, chunk, size: int) -> None:
+        with self.cv:
+            self.cv.wait_for(lambda: self.error is not None or self.in_flight == 0 or self.in_flight + size <= self.budget)
+            self._raise()
+            self.in_flight += size
+        item = [chunk, size, len(self.queues)]  # chunk keeps its tensor/buffer alive until all are done
+        for q in self.queues:
+            q.put(item)
+
+    def _run(self, q: queue.SimpleQueue, fn: Callable) -> None:
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            if self.error is None and not self.cancelled:
+                try:
+                    fn(item[0])
+                except BaseException as exc:  # re-raised on the caller's thread
+                    with self.cv:
+                        self.error = self.error or exc
+            with self.cv:
+                item[2] -= 1
+                if item[2] == 0:
+                    item[0] = None
+                    self.in_flight -= item[1]
+                self.cv.notify_all()
+
+    def _join(self) -> None:
+        for q in self.queues:
+            q.put(None)
+        for t in self.threads:
+            t.join()
+
+    def close(self) -> None:
+        """Wait until every consumer has taken every chunk; raise the first error."""
+        self._join()
+        self._raise()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._join()
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
