@@ -439,6 +439,8 @@ def _lokr_raw(p: Mapping[str, Tensor]) -> Tensor:
     return torch.kron(w1, w2.contiguous())
 
 
+# Algorithms whose raw ΔW is a new tensor (the others return a part itself).
+_FRESH_RAW = ("lora", "loha", "lokr")
 # algo -> unscaled ΔW from parts already cast to the compute dtype.
 _RAW = {
     "lora": _lora_raw,
@@ -473,7 +475,9 @@ def _fit(algo: str, t: Tensor, out_shape: Sequence[int], what: str = "ΔW") -> T
 
 
 def _check_finite(algo: str, t: Tensor, what: str = "ΔW") -> Tensor:
-    if not bool(torch.isfinite(t).all()):
+    # One reduction answers for the common case: a NaN/Inf anywhere makes the sum non-finite, and
+    # a finite sum proves every value finite; only an overflowing sum needs the elementwise check.
+    if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
         raise _err(algo, f"{what} contains NaN or Inf", hint="the LoRA file holds non-finite values")
     return t
 
@@ -519,7 +523,11 @@ def _linear_delta(
     raw = _RAW.get(algo)
     if raw is None:  # set: the new value, not a difference; apply_patches handles it
         raise _err(algo, "set_weight replaces the weight; it has no ΔW")
-    dw = raw(p) * scale_of(algo, parts, alpha_override=alpha_override)
+    dw = raw(p)
+    scale = scale_of(algo, parts, alpha_override=alpha_override)
+    if scale != 1.0:
+        # lora/loha/lokr build a fresh tensor: scale it in place instead of allocating another
+        dw = dw.mul_(scale) if algo in _FRESH_RAW else dw * scale
     return _check_finite(algo, _fit(algo, dw, out_shape))
 
 
