@@ -19,6 +19,10 @@ from lorabake.types import TEXT_ENCODERS, LoraModule, Target
 
 # Parts that land on the module's bias tensor rather than its weight.
 BIAS_PARTS = ("diff_b", "b_norm", "up_bias")
+# Parts lorabake refuses (reported as unmatched, never skipped in silence), with the reason.
+UNSUPPORTED_PARTS = {
+    "reshape_weight": "BFL control LoRAs widen the base tensor; changing a tensor's shape is not supported",
+}
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,10 @@ def _resolve(
         if component is not None and component not in keymap.components_present:
             return Outcome(stem, "skipped", component, f"base has no {component}"), []
         return Outcome(stem, "unmatched", component, "no tensor of the base has this name"), []
+    refused = set(UNSUPPORTED_PARTS).intersection(module.parts)
+    if refused:
+        part = sorted(refused)[0]
+        return Outcome(stem, "unmatched", target.component, f"{part}: {UNSUPPORTED_PARTS[part]}", target.key), []
     shapes = {part: reader.tensors[key].shape for part, key in module.parts.items()}
     weight_parts = {p: s for p, s in shapes.items() if p not in BIAS_PARTS}
     bias_parts = {p: s for p, s in shapes.items() if p in BIAS_PARTS}

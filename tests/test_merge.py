@@ -450,3 +450,15 @@ def test_diffusers_folder_base(tmp_path):
     want = expected_after(base, [(lora, 1.0)], rows, "peft")
     for _, key, _ in rows:
         torch.testing.assert_close(merged[key].double(), want[key], rtol=0, atol=1e-5)
+
+
+def test_reshape_weight_is_refused_not_skipped(tmp_path):
+    """BFL control LoRAs carry `reshape_weight` (widening img_in): refused by name, never half-applied."""
+    names = select("flux", [r"model\.diffusion_model\.img_in\.", r"double_blocks\.0\.img_attn\.qkv"])
+    build_checkpoint(str(tmp_path / "base.safetensors"), "flux", names, float_dtype=torch.bfloat16)
+    lora = make_lora([("diffusion_model.img_in", 3072, 64)], naming="peft", rank=4)
+    lora["diffusion_model.img_in.reshape_weight"] = torch.tensor([3072, 128])
+    lora_path = save_lora(str(tmp_path / "control.safetensors"), lora, {})
+    code, _, err = run_main(["merge", str(tmp_path / "base.safetensors"), "--lora", lora_path, "-o", str(tmp_path / "o.safetensors")])
+    assert code == 1 and "reshape_weight" in err
+    assert not (tmp_path / "o.safetensors").exists()
