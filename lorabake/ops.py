@@ -249,8 +249,8 @@ class _Baker:
             new32, base.tensors[weight].dtype, scale_like=scale, mode=self.opts.rounding, seed_key=weight
         )
         realised = rounding.dequantize(new_codes, new_scale)
-        base_cast = rounding.dequantize(codes.to(self.device), scale.to(self.device))
-        self.result.lost[weight] = rounding.lost_fraction(w32, new32, realised, base_cast=base_cast)
+        # the base as stored is exactly w32 (codes · scale), so it is its own "cast"
+        self.result.lost[weight] = rounding.lost_fraction(w32, new32, realised, base_cast=w32)
         self.result.tensors_changed += 1
         produced = {weight: new_codes.cpu(), scale_key: new_scale.cpu()}
         other = scale_key if name == weight else weight
