@@ -783,9 +783,30 @@ def apply_patches(weight: Tensor, patches: Sequence[Patch], *, dora_mode: str = 
             peft = "magnitude" in p.parts
             mag = p.parts["magnitude" if peft else "dora_scale"].to(mod)
             new = _dora(p.algo, mod, dw, mag, p.strength, dora_mode, peft=peft)
+        elif _add_low_rank(view, p):
+            continue
         else:
             dw = _linear_delta(p.algo, p.parts, mod.shape, p.alpha_override, mod.dtype, mod.device)
             view.add_(_transform(dw, p.transform, p.algo), alpha=p.strength)
             continue
         view.copy_(_transform(new, p.transform, p.algo))
     return out
+
+
+def _add_low_rank(view: Tensor, p: Patch) -> bool:
+    """W += s·scale·up@down in one `addmm_`, with no full-size ΔW temporary (the common LoRA).
+
+    Only for plain LoRA/LoCon without Tucker `mid` or a transform, on a contiguous target whose
+    rows are up's rows; returns False to send anything else down the general path.
+    """
+    if p.algo != "lora" or p.transform is not None or "mid" in p.parts or not view.is_contiguous():
+        return False
+    up, down = _flat(p.parts["up"]), _flat(p.parts["down"])
+    if up.shape[0] != view.shape[0] or up.shape[0] * down.shape[1] != view.numel():
+        return False
+    delta_shape(p.algo, _shapes(p.parts))  # consistency first: clear errors instead of matmul ones
+    up = _check_finite(p.algo, up.to(view), "up")
+    down = _check_finite(p.algo, down.to(view), "down")
+    scale = scale_of(p.algo, p.parts, alpha_override=p.alpha_override)
+    view.view(view.shape[0], -1).addmm_(up, down, alpha=p.strength * scale)
+    return True
