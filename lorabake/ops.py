@@ -29,8 +29,6 @@ Progress = Callable[[int], None]
 DEFAULT_READAHEAD = 64 << 20
 # Bytes handed to the writer's threads but not yet written and hashed.
 WRITE_QUEUE_BYTES = 32 << 20
-# A targeted tensor whose delta lost more than this fraction to rounding is listed in the summary.
-LOST_DELTA_WARN = 0.05
 
 
 @dataclass(frozen=True)
@@ -66,7 +64,8 @@ class MergeResult:
 
 
 def open_inputs(base: str, loras: tuple[LoraSpec, ...]) -> tuple[SafetensorsReader, list[SafetensorsReader]]:
-    check_input_path(base) if not os.path.isdir(base) else None
+    if not os.path.isdir(base):  # a diffusers folder or sharded index is checked by the reader
+        check_input_path(base)
     for spec in loras:
         check_input_path(spec.path)
     base_reader = SafetensorsReader(base)

@@ -6,6 +6,7 @@ print or run the same `MergePlan`, so what the dry run says is what the merge do
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -181,9 +182,9 @@ def _resolve(
             return Outcome(stem, "unmatched", target.component, f"{target.key} has no bias for {sorted(bias_parts)}", target.key), []
         bias_len = base.tensors[target.bias_key].shape[0] if target.slice is None else target.slice.length
         for part, shape in bias_parts.items():
-            if _numel(shape) != bias_len:
+            if math.prod(shape) != bias_len:
                 return (
-                    Outcome(stem, "unmatched", target.component, f"{part} has {_numel(shape)} values, bias has {bias_len}", target.key),
+                    Outcome(stem, "unmatched", target.component, f"{part} has {math.prod(shape)} values, bias has {bias_len}", target.key),
                     [],
                 )
         planned.append(PlannedPatch(index, module, target, "bias", strength))
@@ -193,10 +194,3 @@ def _resolve(
 def _has_weight_math(algo: str, weight_parts: dict[str, tuple[int, ...]]) -> bool:
     """False for modules that only carry bias parts (a lone diff_b or b_norm)."""
     return any(p not in ("alpha", "scale") for p in weight_parts)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

@@ -27,6 +27,8 @@ _CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)] i
 _CONTROL.update({c: f"\\u{c:04x}" for c in _BIDI})
 _ONE_LINE = {**_CONTROL, 0x0A: "\\n"}
 META_DISPLAY_LIMIT = 200
+# A patched tensor that lost more than this fraction of its delta to rounding is listed.
+LOST_DELTA_WARN = 0.05
 
 
 def sanitize(text: object, limit: int | None = None, *, one_line: bool = False) -> str:
@@ -147,7 +149,7 @@ def merge_json(result) -> dict:
         "lost_to_rounding": {
             # lost_fraction can stray a hair below 0 from fp32 noise; a report says 0 then
             "max": max(0.0, max(result.lost.values(), default=0.0)),
-            "tensors_over_5_percent": sorted(k for k, v in result.lost.items() if v > 0.05),
+            "tensors_over_5_percent": sorted(k for k, v in result.lost.items() if v > LOST_DELTA_WARN),
             # per targeted tensor: 1 − ⟨realised, intended⟩/‖intended‖² (rounding.lost_fraction)
             "per_tensor": {k: result.lost[k] for k in sorted(result.lost)},
         },
