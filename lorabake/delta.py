@@ -3,15 +3,15 @@
 Pure tensor functions. Nothing here sees a key, a file or a dtype tag: parts arrive as
 `{canonical part name: tensor}` and weights as fp32 (fp64 in tests) on the compute device.
 
-Conventions (formats.md §1–§2; the reference for "what the adapter computes" is what LyCORIS's
-modules compute in `forward`, checked in tests/test_lycoris_parity.py):
+Conventions (what the adapter computes is what LyCORIS's modules compute in `forward`, checked in
+tests/test_lycoris_parity.py):
 
 * `delta(...)` returns ΔW *including* the adapter's own scale (alpha/rank, or the A1111 `scale`
   part) and *excluding* the user strength. It is built from 2-D matmuls of flattened factors and
   reshaped to the target by element count, so Linear and Conv 1x1 LoRAs are interchangeable.
 * Scale: a `scale` part wins; else alpha (`alpha_override` if given, else the `alpha` tensor)
   divided by the rank; no alpha → 1. Full/norm diffs have no rank, so alpha never applies to
-  them, and neither does it to a LoKr whose two factors are both full matrices (E14).
+  them, and neither does it to a LoKr whose two factors are both full matrices.
   alpha = 0 gives scale 0 exactly as ComfyUI/A1111 do (LyCORIS and kohya only rewrite 0 to the
   rank when *creating* a network, so their saved files never carry 0); see `alpha_of`.
 * Linear adapters (lora, loha, lokr, full, norm) add `strength·ΔW`. Weight-dependent ones (DoRA,
@@ -292,7 +292,7 @@ def delta_shape(algo: str, shapes: Mapping[str, Shape], *, param: str = "weight"
     return natural
 
 
-# algo -> the part that carries its bias delta (formats.md §2.9; PEFT lora_B.bias).
+# algo -> the part that carries its bias delta.
 _BIAS_PART = {"full": "diff_b", "norm": "b_norm", "lora": "up_bias"}
 
 
@@ -321,7 +321,7 @@ def fits(algo: str, shapes: Mapping[str, Shape], target: Shape) -> bool:
 
 
 def _lokr_rank(shapes: Mapping[str, Shape]) -> int | None:
-    """ComfyUI/A1111: w2's rank when w2 is factored, else w1's; both full → alpha ignored (E14)."""
+    """ComfyUI/A1111: w2's rank when w2 is factored, else w1's; both full → alpha ignored."""
     if "lokr_w2" not in shapes:
         return int(_need("lokr", shapes, "lokr_w2_b")[0][0])
     if "lokr_w1" not in shapes:
@@ -329,7 +329,7 @@ def _lokr_rank(shapes: Mapping[str, Shape]) -> int | None:
     return None
 
 
-# algo -> the rank alpha is divided by, from part shapes (formats.md §1.3); absent: alpha never applies.
+# algo -> the rank alpha is divided by, from part shapes; absent: alpha never applies.
 _RANK = {
     "lora": lambda shapes: int(_need("lora", shapes, "down")[0][0]),
     "loha": lambda shapes: int(_need("loha", shapes, "hada_w1_b")[0][0]),
@@ -339,7 +339,7 @@ _RANK = {
 
 
 def rank_of(algo: str, shapes: Mapping[str, Shape]) -> int | None:
-    """The rank alpha is divided by (formats.md §1.3), or None when alpha does not apply."""
+    """The rank alpha is divided by, or None when alpha does not apply."""
     if algo not in ALGORITHMS:
         raise _unsupported(algo)
     rank = _RANK.get(algo)

@@ -56,7 +56,7 @@ COMPONENT_CHOICES = ("unet", "dit", "te", "te1", "te2", "te3")  # unet and dit b
 
 # Module suffixes (relative to the component root, parameter included) that trainers target, by
 # ComponentInfo.kind. kohya LoRANetwork: Transformer2DModel linears/1x1 convs and CLIPAttention/CLIPMLP
-# (peers.md §4a); lora_flux / lora_sd3: the block linears incl. modulation; T5 attention and MLP.
+# kohya's extraction targets; lora_flux / lora_sd3: the block linears incl. modulation; T5 attention and MLP.
 _ATTN = tuple(f"{a}.{p}.weight" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0"))
 _HF_CLIP = tuple(f"self_attn.{p}_proj.weight" for p in "qkv") + (
     "self_attn.out_proj.weight",

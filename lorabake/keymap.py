@@ -281,7 +281,7 @@ def _attn_processor(diffusers_name: str) -> list[_Name]:
 
 
 def _unet_block_pairs(modules: set[str], *, naming: str, default: UnetBlocks | None) -> dict[str, str]:
-    """LDM block prefix -> diffusers block prefix for this UNet (formats.md §5.1), from its own modules.
+    """LDM block prefix -> diffusers block prefix for this UNet, from its own modules.
 
     Levels, layers per block and which levels have attention are read from the module names when
     the file shows its downsamplers (a whole UNet); a partial file falls back to the family's

@@ -4,10 +4,9 @@ A LoRA file is a flat dict of `<stem><suffix>` keys. This module peels the adapt
 each key with one data table (`SUFFIXES`, longest match first), groups the parts by stem into
 `LoraModule`s, checks that the factor shapes fit together, and reads the naming flavour and the
 base architecture the LoRA was trained for. It never reads a tensor's data, and never parses a
-stem backwards into a checkpoint name: that is the planner's job (formats.md §9 R3/R4).
+stem backwards into a checkpoint name: that is the planner's job.
 
-Sources for every table are formats.md §2, §4 and §9 R0/R1; the PEFT config in
-`lora_adapter_metadata` follows diffusers `loaders/lora_base.py` and peft `get_pattern_key`.
+The PEFT config in `lora_adapter_metadata` follows diffusers `loaders/lora_base.py` and peft `get_pattern_key`.
 """
 
 from __future__ import annotations
@@ -69,7 +68,7 @@ class Suffix:
     requires: str | None = None
 
 
-# formats.md §2.1 and §9 R0. Order here is for reading; matching sorts longest first.
+# Every adapter suffix seen in the wild. Order here is for reading; matching sorts longest first.
 SUFFIXES: tuple[Suffix, ...] = (
     # kohya sd-scripts, LyCORIS (LoCon; lora_mid = Tucker core), A1111
     Suffix(".lora_up.weight", "up", "kohya"),
@@ -176,7 +175,7 @@ def split_key(key: str, keys: Mapping[str, object] | None = None) -> tuple[str, 
 
 
 # --------------------------------------------------------------------------------------------
-# Flavours and components (formats.md §4, §9 R1)
+# Flavours and components
 # --------------------------------------------------------------------------------------------
 
 FLAVOURS = (
@@ -252,7 +251,7 @@ def module_component_hint(stem: str) -> str | None:
     The index is the prefix's (kohya `lora_te2_`, diffusers `text_encoder_2.`, ComfyUI
     `text_encoders.clip_g.` -> "te2"; `text_encoders.t5xxl.` -> "te3"). Which encoder that is
     depends on the architecture (Flux OneTrainer writes T5 as `lora_te2_`): the planner
-    resolves it with formats.md §9's TE table. Unprefixed stems are "dit" when they start with
+    resolves it with the family's text-encoder table. Unprefixed stems are "dit" when they start with
     a DiT block name, else None.
     """
     for prefix, component, default in _COMPONENT_PREFIXES_LONGEST_FIRST:
@@ -282,7 +281,7 @@ def _module_flavour(stem: str, module: LoraModule, spelling: str | None) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Base architecture (formats.md §4 metadata hints, §8 E1)
+# Base architecture
 # --------------------------------------------------------------------------------------------
 
 ARCHS = ("sd1", "sd2", "sdxl", "sd3", "flux", "unknown")
@@ -388,7 +387,7 @@ def _arch_from_tensors(
 
 
 # --------------------------------------------------------------------------------------------
-# PEFT LoraConfig in `lora_adapter_metadata` (formats.md §2.10, §8 E18)
+# PEFT LoraConfig in `lora_adapter_metadata`
 # --------------------------------------------------------------------------------------------
 
 # diffusers `loaders/lora_base.py` LORA_ADAPTER_METADATA_KEY. Two layouts, both JSON:
@@ -659,7 +658,7 @@ def _check_and_rank(algo: str, stem: str, parts: Mapping[str, str], shape, path:
                 need_eq("lokr_t2", 1, "lokr_w2_b", 0, "LoKr Tucker core does not fit w2_b")
             else:
                 need_eq("lokr_w2_a", 1, "lokr_w2_b", 0, "LoKr w2 ranks disagree")
-        # formats.md §2.4: rank from w2's factors, else w1's; both full -> no rank, alpha ignored
+        # LoKr: rank from w2's factors, else w1's; both full -> no rank, alpha ignored
         if "lokr_w2_b" in parts:
             return shape("lokr_w2_b")[0]
         if "lokr_w1_b" in parts:

@@ -166,7 +166,7 @@ def _stem(path: str) -> str:
     return os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
 
 
-# ComfyUI "scaled fp8" checkpoints: a marker tensor and a per-weight scale (formats.md E5).
+# ComfyUI "scaled fp8" checkpoints: a marker tensor and a per-weight scale.
 SCALED_FP8_MARKER = "scaled_fp8"
 SCALE_SUFFIXES = ("scale_weight", "weight_scale")
 
@@ -176,7 +176,7 @@ def scaled_fp8_scales(tensors: dict) -> dict[str, str]:
 
     An fp8 weight with a `scale_weight`/`weight_scale` sibling is scaled whether or not the file
     has the `scaled_fp8` marker (ComfyUI's newer per-layer quant format drops the marker): adding
-    ΔW to raw codes would be wrong by the scale factor (E5).
+    ΔW to raw codes would be wrong by the scale factor.
     """
     out = {}
     for name, info in tensors.items():

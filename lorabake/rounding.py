@@ -4,12 +4,12 @@
   first clamped to the finite range (e4m3fn has no Inf and `.to()` would give NaN; e5m2 would give
   Inf), so out-of-range values saturate. Stochastic rounding rounds each value to one of its two
   neighbours in the target format with probability proportional to proximity, so it is unbiased:
-  a delta smaller than half an ulp survives in expectation instead of vanishing (formats.md E4).
+  a delta smaller than half an ulp survives in expectation instead of vanishing.
   Its random numbers come from a seed derived from `seed_key` (sha256, not Python's salted
   `hash()`), drawn on the CPU in fixed-size chunks, so the result is the same on every run and
   every device, and memory stays about twice the tensor.
 * `lost_fraction`: how much of the intended delta the cast threw away (see its docstring).
-* Scaled fp8 (ComfyUI "scaled_fp8" checkpoints, formats.md E5): the real weight is
+* Scaled fp8 (ComfyUI "scaled_fp8" checkpoints): the real weight is
   `codes.float() · scale`; patch the dequantised weight, then `quantize_scaled` again.
 """
 

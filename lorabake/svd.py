@@ -3,7 +3,7 @@
 Nothing here sees a key or a file. Matrices arrive 2-D (conv weights flattened to
 [out, in·kh·kw] by the caller) as fp32 on the compute device.
 
-Decisions (peers.md §2, §4a, §4b):
+Decisions:
 
 * Two routines. `randomized_svd` (Halko–Martinsson–Tropp: Gaussian sketch with oversampling,
   power iterations re-orthonormalised by QR after every product) is used when the sketch width
@@ -16,7 +16,7 @@ Decisions (peers.md §2, §4a, §4b):
   orthogonal projection of ΔW onto span(Q·Ub_k)); iteration stops when it improves by less than
   `tol` relative, or once it is negligible. A flat fine-tune spectrum thus gets more iterations
   than an easy one, instead of a fixed count that is either slow or unfaithful.
-* On MPS the small dense SVDs run on the CPU (native MPS SVD is not trusted, peers.md §2).
+* On MPS the small dense SVDs run on the CPU (native MPS SVD is not trusted).
 * Rank modes (`select_rank`), always capped by the caller's maximum rank:
   `fixed`      – the maximum rank.
   `energy` X   – smallest k with Σ_{i≤k} σ_i² ≥ X·‖ΔW‖_F² (no +1).

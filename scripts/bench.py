@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmarks: `lorabake merge` against the physical limit (`cp`) and a naive load-everything merge.
 
-Builds full-size checkpoints (real names and shapes from ../shared/arch, random values) once, in a
+Builds full-size checkpoints (real names and shapes from tests/data/arch, random values) once, in a
 cache outside the repository ($LORABAKE_BENCH_CACHE, default $TMPDIR/lorabake-bench), and LoRAs over
 every attention and feed-forward module the trainers target: kohya r16 (+ 3x3 conv LoCon), PEFT r64,
 kohya r128, PEFT r128. Then, in one run, each case repeated (min and median):

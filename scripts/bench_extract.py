@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: lorabake's extraction math against kohya's (full SVD, all of S into up) on SDXL.
 
-Every SDXL UNet module a trainer targets (real names and shapes from ../shared/arch), one at a
+Every SDXL UNet module a trainer targets (real names and shapes from tests/data/arch), one at a
 time in memory: base W (fp16, randn·0.02) and tuned = fp16(W + D), D = a rank-64 delta with a
 decaying spectrum plus dense noise, so ΔW = tuned − base is what a real fine-tune pair gives.
 Each module is factored at --rank by

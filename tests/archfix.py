@@ -1,4 +1,4 @@
-"""Fixtures with real names and real shapes from ../shared/arch, random values.
+"""Fixtures with real names and real shapes from tests/data/arch, random values.
 
 `arch_tensors("sd1")` gives every (name -> (shape, dtype)) of a real SD1.x checkpoint;
 `build_checkpoint` writes a chosen subset to a .safetensors file.
@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARCH_DIR = os.environ.get("LORABAKE_ARCH_DIR", os.path.join(ROOT, "..", "shared", "arch"))
+ARCH_DIR = os.path.join(ROOT, "tests", "data", "arch")
 
 ARCH_FILES = {
     "sd1": "sd1-ldm.json",

@@ -3,7 +3,7 @@
 Each test builds a tiny model from a config (no downloads: HF_HUB_OFFLINE=1, never `from_pretrained`) with
 the block structure of a real family, writes it as the single-file checkpoint a user bakes into (LDM, SGM
 or BFL names, derived by running diffusers' own single-file converter on the family's real key names from
-../shared/arch), makes a LoRA the way a trainer writes one, and then compares every tensor of
+tests/data/arch), makes a LoRA the way a trainer writes one, and then compares every tensor of
 
   - the model after diffusers/peft load and fuse that LoRA (the reference), with
   - `lorabake merge` of the single-file checkpoint, mapped back to diffusers names by diffusers' converter.

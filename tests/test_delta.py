@@ -67,7 +67,7 @@ def test_loha_2x2_by_hand():
 
 def test_lokr_kron_by_hand_and_full_factors_ignore_alpha():
     parts = {"lokr_w1": T([[1.0, 2.0]]), "lokr_w2": T([[1.0], [10.0]]), "alpha": T(99.0)}
-    # kron([1,2], [[1],[10]]) = [[1,2],[10,20]]; both full → alpha ignored (E14)
+    # kron([1,2], [[1],[10]]) = [[1,2],[10,20]]; both full → alpha ignored
     assert rank_of("lokr", {k: tuple(v.shape) for k, v in parts.items()}) is None
     assert torch.equal(delta("lokr", parts, out_shape=(2, 2)), T([[1.0, 2.0], [10.0, 20.0]]))
 

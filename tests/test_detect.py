@@ -1,4 +1,4 @@
-"""Detection from header data only: real key lists of ../shared/arch, one row per layout seen in the wild.
+"""Detection from header data only: real key lists of tests/data/arch, one row per layout seen in the wild.
 
 The fixture builders at the top (real names as TensorInfo dicts, SD2 made from SD1 + OpenCLIP-G, diffusers
 folders made by diffusers' own single-file converters) are shared with test_keymap.py.
@@ -395,7 +395,7 @@ def test_checkpoint_info_is_frozen():
 
 
 def test_arch_json_files_are_the_real_ones():
-    # guard: the fixtures above rely on these counts (README of ../shared/arch)
+    # guard: the fixtures above rely on these counts (README of tests/data/arch)
     assert {a: len(arch_doc(a)["tensors"]) for a in ("sd1", "sdxl", "sd3", "flux")} == {
         "sd1": 1831,
         "sdxl": 2531,

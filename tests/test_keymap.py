@@ -240,7 +240,7 @@ COMPONENT_ROWS = [
     ("sd1", "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj", "te2", False),
     ("sd1", "lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q", "unet", False),  # SDXL depth
     ("sdxl", "lora_te3_encoder_block_0_layer_0_SelfAttention_q", "te3", False),
-    # CLIP-L has 12 layers; layer 12 exists only in OpenCLIP-G: never map a te1 name into te2 (E10)
+    # CLIP-L has 12 layers; layer 12 exists only in OpenCLIP-G: never map a te1 name into te2
     ("sdxl", "lora_te1_text_model_encoder_layers_12_self_attn_q_proj", "te1", False),
     ("flux", "lora_unet_double_blocks_0_img_attn_qkv", "dit", True),
     ("flux", "lora_te2_encoder_block_0_layer_0_SelfAttention_q", "te3", True),  # OneTrainer T5

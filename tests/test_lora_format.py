@@ -208,7 +208,7 @@ def test_lokr_factors_multiply_to_the_target_shape():
     w1 = t["lora_unet_x.lokr_w1_a"] @ t["lora_unet_x.lokr_w1_b"]
     w2 = t["lora_unet_x.lokr_w2_a"] @ t["lora_unet_x.lokr_w2_b"]
     assert torch.kron(w1, w2).shape == (1280, 640)
-    assert parse(t).modules["lora_unet_x"].rank == 2  # w2's rank wins (formats.md §2.4)
+    assert parse(t).modules["lora_unet_x"].rank == 2  # w2's rank wins
 
 
 def test_boft_by_ndim():

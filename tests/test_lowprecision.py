@@ -7,8 +7,7 @@ lorabake's own math. Rounding claims are checked against the fp8/bf16 grid (`ulp
 nearest lands on one of the two neighbours of the exact value (at most one ulp off when our fp32
 intermediate and the fp64 value round differently at a tie); stochastic rounding is deterministic
 (same bytes on every run) and unbiased (the realised delta's projection on the intended one is
-≈1, where nearest keeps ≈0 of a sub-half-ulp delta: the "LoRA has no effect on fp8" bug,
-formats.md E4). Scaled fp8 (E5): real weight = codes·scale_weight, patched and re-quantised with
+≈1, where nearest keeps ≈0 of a sub-half-ulp delta: the "LoRA has no effect on fp8" bug). Scaled fp8: real weight = codes·scale_weight, patched and re-quantised with
 a fresh per-tensor scale.
 """
 
@@ -348,7 +347,7 @@ def test_fp8_output_from_bf16_base_converts_every_float_and_saturates(tmp_path, 
 
 
 # ----------------------------------------------------------------------------------------------
-# ComfyUI scaled fp8 (formats.md E5).
+# ComfyUI scaled fp8.
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ zero-inits up/w2) with alpha ≠ rank, the network is saved with `save_weights`,
 with the real LDM/SGM names holding the very same weights is written. After `lorabake merge`,
 for every wrapped layer `F.linear/conv2d(x, W')` must equal the wrapped layer's forward (fp64):
 tightly for an fp32 base, within the fp16 rounding of W' for an fp16 base.
-`lycoris.utils.merge` is not the oracle (it applies alpha/rank twice for LoHa/LoKr, E15).
+`lycoris.utils.merge` is not the oracle (it applies alpha/rank twice for LoHa/LoKr).
 """
 
 from __future__ import annotations
@@ -411,7 +411,7 @@ def test_other_lycoris_algorithms_bake_to_their_forward(tmp_path, case, algo, kw
 def test_full_norm_glora_modules_bake_to_their_formulas(tmp_path):
     """LyCORIS `full` (diff, diff_b), norm tuning (w_norm, b_norm) and GLoRA in one kohya-named
     file (as lorafix writes them; their LyCORIS forwards are checked module-level in
-    test_lycoris_parity), each against its formula computed here in fp64 (formats.md §2.7, §2.9)."""
+    test_lycoris_parity), each against its formula computed here in fp64."""
     pico = sd1_pico(with_norm=True)
     base_path = tmp_path / "base.safetensors"
     base = build_base(base_path, "sd1", pico, torch.float32)

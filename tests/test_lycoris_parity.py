@@ -4,7 +4,7 @@ Each case builds a real-shaped layer, wraps it in the library's own module, rand
 parameter (LyCORIS zero-inits up/w2), runs its forward, then bakes the module's saved state dict
 through `apply_patches` and runs the plain layer with the baked weight. Everything is fp64, so
 the tolerance only has to absorb summation order. `lycoris.utils.merge` is deliberately not the
-oracle (it applies alpha/rank twice for LoHa/LoKr, formats.md E15).
+oracle (it applies alpha/rank twice for LoHa/LoKr).
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def test_lokr_layouts_are_the_ones_named():
 
 
 def test_lokr_full_matrix_ignores_a_foreign_alpha():
-    """E14: with both factors full, a stored alpha ≠ rank must not scale ΔW (LyCORIS applies 1)."""
+    """With both factors full, a stored alpha ≠ rank must not scale ΔW (LyCORIS applies 1)."""
     parts = _run(LokrModule, "q320", 1.0, lora_dim=4, alpha=2, full_matrix=True)
     layer = _layer("q320")
     w = layer.weight.detach()

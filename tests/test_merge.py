@@ -1,6 +1,6 @@
 """`lorabake merge` end to end on real names and real shapes, against an independent computation.
 
-Each case writes a small base (a few real blocks from ../shared/arch), a LoRA whose stems are
+Each case writes a small base (a few real blocks from tests/data/arch), a LoRA whose stems are
 spelled literally in the table (as the trainer named in the comment writes them), runs the CLI,
 and compares every tensor with W + s·(alpha/r)·up@down computed here in fp64 on the slice the
 row names. Untouched tensors must be byte-identical.

@@ -141,7 +141,7 @@ GENERIC_TEXT_ENCODERS: tuple[TextEncoder, ...] = (
 )
 
 # ---------------------------------------------------------------------------------------------------------
-# SD UNet (LDM/SGM names <-> diffusers names), formats.md §5.1. The block structure (levels, layers per
+# SD UNet (LDM/SGM names <-> diffusers names). The block structure (levels, layers per
 # block, which levels have attention) is read from the checkpoint; these are the fixed sub-name tables.
 
 # LDM ResBlock sub-module -> diffusers ResnetBlock2D sub-module.
@@ -174,7 +174,7 @@ ATTN_PROCESSOR: dict[str, str] = {
 }
 
 # ---------------------------------------------------------------------------------------------------------
-# OpenCLIP text transformer (SD2 OpenCLIP-H, SDXL OpenCLIP-G) -> HF CLIPTextModel names, formats.md §5.2.
+# OpenCLIP text transformer (SD2 OpenCLIP-H, SDXL OpenCLIP-G) -> HF CLIPTextModel names
 # LoRAs are trained on the HF model, so their names are the HF ones; the fused in_proj is q ‖ k ‖ v.
 OPENCLIP_TO_HF: dict[str, tuple[Alias, ...]] = {
     "transformer.resblocks.{n}.attn": (  # the in_proj_weight parameter
@@ -196,7 +196,7 @@ OPENCLIP_TO_HF: dict[str, tuple[Alias, ...]] = {
 
 
 class UnetBlocks(NamedTuple):
-    """A UNet's block structure (formats.md §5.1): used when a partial file cannot show it."""
+    """A UNet's block structure: used when a partial file cannot show it."""
 
     levels: int
     per: int  # input blocks per level: layers_per_block + 1

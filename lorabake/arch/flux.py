@@ -1,4 +1,4 @@
-"""FLUX.1 (dev/schnell): BFL DiT (double_blocks / single_blocks) + CLIP-L + T5-XXL. formats.md §5.5."""
+"""FLUX.1 (dev/schnell): BFL DiT (double_blocks / single_blocks) + CLIP-L + T5-XXL."""
 
 from lorabake.arch.common import Alias, Family, Layout, Probe, TextEncoder
 

@@ -1,4 +1,4 @@
-"""Stable Diffusion 1.x: LDM UNet + HF CLIP-L. formats.md §3, §5.1."""
+"""Stable Diffusion 1.x: LDM UNet + HF CLIP-L."""
 
 from lorabake.arch.common import Family, Layout, Probe, TextEncoder, UnetBlocks
 

@@ -1,4 +1,4 @@
-"""Stable Diffusion 2.x: SD1's UNet (linear proj_in/out, cross-attn in 1024) + OpenCLIP-H. formats.md §5.2."""
+"""Stable Diffusion 2.x: SD1's UNet (linear proj_in/out, cross-attn in 1024) + OpenCLIP-H."""
 
 from lorabake.arch.common import Family, Layout, Probe, TextEncoder, UnetBlocks
 

@@ -1,4 +1,4 @@
-"""Stable Diffusion 3 / 3.5 (MMDiT) in the ComfyUI single-file layout. formats.md §5.4."""
+"""Stable Diffusion 3 / 3.5 (MMDiT) in the ComfyUI single-file layout."""
 
 from lorabake.arch.common import Alias, Family, Layout, Probe, TextEncoder
 

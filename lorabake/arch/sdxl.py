@@ -1,4 +1,4 @@
-"""SDXL base 1.0: SGM layout, UNet with 3 levels (no attention at level 0) + CLIP-L + OpenCLIP-G. formats.md §5.3."""
+"""SDXL base 1.0: SGM layout, UNet with 3 levels (no attention at level 0) + CLIP-L + OpenCLIP-G."""
 
 from lorabake.arch.common import Family, Layout, Probe, TextEncoder, UnetBlocks
 
@@ -32,7 +32,7 @@ FAMILY = Family(
             ("lora_te2_", "text_encoder_2.", "text_encoders.clip_g.transformer."),
         ),
     ),
-    # kohya SDXL trains on its own SGM-named UNet, so its LoRA names are the checkpoint's (formats.md §5.3)
+    # kohya SDXL trains on its own SGM-named UNet, so its LoRA names are the checkpoint's
     kohya_names={"unet": ("lora_unet_", "ldm"), "te1": ("lora_te1_", "hf"), "te2": ("lora_te2_", "hf")},
     renames={},
     unet_blocks=UnetBlocks(3, 3, (False, True, True), (True, True, False)),
