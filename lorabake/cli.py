@@ -255,3 +255,45 @@ def extract(base, tuned, output, rank, conv_rank, rank_mode, rank_param, alpha, 
         click.echo(json.dumps(extracting.extract_json(result), indent=2))
     elif not quiet:
         render.print_extract(extracting.extract_json(result))
+
+
+# -- bake ----------------------------------------------------------------------------------
+BAKE_EXAMPLES = """
+\b
+Examples:
+  lorabake bake recipe.toml
+  lorabake bake recipe.toml --dry-run
+  lorabake bake recipe.toml --shard 0/3          # this process bakes shard 0 of 3
+  lorabake bake recipe.toml --shard auto         # i/N from Slurm, a Kubernetes indexed Job or a CI matrix
+"""
+
+
+@cli.command(epilog=BAKE_EXAMPLES + "\n" + EXIT_CODES_HELP)
+@click.argument("recipe", type=click.Path())
+@click.option("--shard", metavar="i/N|auto", help="Bake only shard i (0-based) of N; auto reads the job engine's environment.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--dry-run", is_flag=True, help="List every job with its plan, from headers only; write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the batch report as one JSON document.")
+@click.option("--force", is_flag=True, help="Overwrite outputs that exist and were not made by the same entry.")
+@click.option("--quiet", is_flag=True, help="Print only errors.")
+def bake(recipe, shard, device, dry_run, as_json, force, quiet):
+    """Bake every job of a TOML recipe; finished outputs are skipped on a rerun."""
+    from lorabake import batch, batch_render, shards
+
+    opts = batch.BatchOptions(recipe=recipe, shard=shards.parse_shard(shard) if shard else None, force=force,
+                              dry_run=dry_run, device=device)
+    quiet_run = quiet or as_json or dry_run
+    events = batch_render.RichEvents() if not quiet_run and sys.stderr.isatty() else None
+    events = events or (batch_render.PlainEvents() if not quiet_run else batch.BatchEvents())
+    try:
+        report = batch.run_batch(opts, events=events)
+    except (KeyboardInterrupt, _Interrupted):
+        click.echo("Interrupted: finished outputs are whole, the one in progress was removed; "
+                   "run the same command again to finish.", err=True)
+        raise click.exceptions.Exit(130) from None
+    finally:
+        getattr(events, "stop", lambda: None)()
+    if as_json:
+        click.echo(json.dumps(batch_render.batch_json(report), indent=2))
+    elif not quiet:
+        batch_render.print_batch(report)

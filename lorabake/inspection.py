@@ -21,6 +21,7 @@ import torch
 
 from lorabake import lora_format
 from lorabake.detect import detect_checkpoint
+from lorabake.jobs import entry_toml, recipe_from_metadata
 from lorabake.st_reader import SafetensorsReader, check_input_path
 
 # Training metadata worth showing, in this order (kohya `ss_*` keys).
@@ -100,6 +101,10 @@ def _checkpoint_report(reader: SafetensorsReader) -> dict:
             "metadata": dict(reader.metadata),
         }
     )
+    recipe = recipe_from_metadata(reader.metadata)
+    if recipe is not None:  # made by `lorabake bake`: the entry that rebuilds it
+        recipe["toml"] = entry_toml(recipe["entry"]) if isinstance(recipe["entry"], dict) else None
+        report["recipe"] = recipe
     return report
 
 

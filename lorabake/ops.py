@@ -43,6 +43,8 @@ class MergeOptions:
     dry_run: bool = False
     force: bool = False
     readahead_bytes: int = DEFAULT_READAHEAD
+    # Written last into the output's metadata (a recipe's entry, its hash, input fingerprints).
+    extra_metadata: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -159,6 +161,7 @@ def _metadata(opts: MergeOptions, plan: MergePlan, lora_shas: list[str]) -> dict
         titles.append(lp.lora.metadata.get("modelspec.title") or _stem(lp.spec.path))
     meta["modelspec.merged_from"] = ", ".join(titles)
     meta["modelspec.title"] = _stem(opts.output)
+    meta.update(opts.extra_metadata)
     return meta
 
 

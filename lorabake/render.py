@@ -261,9 +261,24 @@ def _plain_report(rep: dict) -> None:
     cov = rep.get("coverage")
     if cov:
         _plain_coverage(cov)
+    for line in _recipe_lines(rep):
+        print(f"  {_one(line, META_DISPLAY_LIMIT * 4)}")
     for k, v in rep["metadata"].items():
         if k not in rep.get("training", {}) and k != "ss_tag_frequency":
             print(f"  meta {_one(k, 80)}: {_one(v, META_DISPLAY_LIMIT)}")
+
+
+def _recipe_lines(rep: dict) -> list[str]:
+    """An output of `lorabake bake`: its recipe hash and the entry that rebuilds it, as recipe text."""
+    recipe = rep.get("recipe")
+    if not recipe:
+        return []
+    check = "matches the entry" if recipe["matches"] else "does NOT match the entry"
+    lines = [f"recipe sha256: {recipe['sha256']} ({check})"]
+    if recipe.get("toml"):
+        lines += ["recipe entry (bake it from a recipe in the same folder to rebuild this file):"]
+        lines += [f"  {line}" for line in recipe["toml"].splitlines()]
+    return lines
 
 
 def _one(text: object, limit: int | None = None) -> str:
@@ -310,6 +325,9 @@ def _rich_report(rep: dict) -> None:
             for row in cov["details"][:50]:
                 dt.add_row(row["status"], _esc(row["module"]), _esc(row["reason"]))
             console.print(dt)
+    recipe_lines = _recipe_lines(rep)
+    if recipe_lines:
+        console.print("\n".join(_esc(line, META_DISPLAY_LIMIT * 4) for line in recipe_lines))
     other = {k: v for k, v in rep["metadata"].items() if k not in rep.get("training", {}) and k != "ss_tag_frequency"}
     if other:
         mt = Table("key", "value", title="metadata", title_justify="left")
