@@ -33,7 +33,7 @@ METADATA_ARCH_KEYS = ("modelspec.architecture", "ss_base_model_version")
 class ComponentInfo:
     name: str  # "unet" | "dit" | "te1" | "te2" | "te3" | "vae"
     root: str  # key prefix, e.g. "cond_stage_model.transformer."
-    kind: str  # "clip_l" | "clip_h" | "clip_g" | "openclip_h" | "openclip_g" | "t5xxl" | "unet" | "mmdit" | "flux" | "vae"
+    kind: str  # a text encoder kind ("clip_l", "t5xxl", ...), the family's diffusion_kind, or "vae"
     params: int  # sum of numel of its float tensors
     dtypes: dict[str, int]  # dtype tag -> tensor count
     tensors: int
@@ -41,15 +41,13 @@ class ComponentInfo:
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    arch: str  # "sd1" | "sd2" | "sdxl" | "sd3" | "flux" | "unknown"
-    layout: str  # "ldm" | "sgm" | "comfyui" | "bfl" | "unet-only" | "dit-only" | "diffusers" | "unknown"
+    arch: str  # a family id of `lorabake.arch.FAMILIES`, or "unknown"
+    layout: str  # the matching Layout.layout ("ldm", "comfyui", "diffusers", ...) or "unknown"
     prefix: str  # diffusion model root, e.g. "model.diffusion_model." or ""
     components: dict[str, ComponentInfo] = field(default_factory=dict)
     candidates: tuple[str, ...] = ()  # when unknown: the families the evidence points to
     notes: tuple[str, ...] = ()
-    naming: str = (
-        "unknown"  # how the diffusion model's modules are named: "ldm" | "mmdit" | "bfl" | "diffusers"
-    )
+    naming: str = "unknown"  # how the diffusion model's modules are named: the matching Layout.naming
 
 
 def detect_checkpoint(
@@ -72,7 +70,9 @@ def detect_checkpoint(
         if len(archs) > 1:
             notes.insert(0, f"tensor names match several families: {', '.join(archs)}")
         elif not candidates:
-            notes.insert(0, "no known diffusion model (UNet, MMDiT, Flux) found in the tensor names")
+            notes.insert(
+                0, "no known diffusion model (of the families lorabake knows) found in the tensor names"
+            )
         # Still name what is there, so LoRAs that follow the checkpoint's own key names can apply.
         roots = [("dit", r, "unknown") for r in GENERIC_DIFFUSION_ROOTS if _has_prefix(tensors, r)][:1]
         roots += _text_encoder_roots(GENERIC_TEXT_ENCODERS, tensors)
@@ -124,7 +124,7 @@ def _matches(layout: Layout, tensors: Mapping[str, TensorInfo]) -> bool:
 
 
 def _near_misses(tensors: Mapping[str, TensorInfo], notes: list[str]) -> list[str]:
-    """Families whose sentinel tensors exist but with other sizes (SDXL refiner, SSD-1B, ...)."""
+    """Families whose sentinel tensors exist but with other sizes (a refiner, a distilled UNet, ...)."""
     found: list[str] = []
     for fam in FAMILIES.values():
         for lay in fam.layouts:
@@ -197,18 +197,17 @@ def _notes(fam: Family, lay: Layout, tensors: Mapping[str, TensorInfo]) -> list[
     notes = []
     if sum(1 for k in tensors if k.startswith("model_ema.")) > 0:
         notes.append("has an EMA copy (model_ema.*); it is never patched")
-    conv_in = tensors.get(
-        lay.prefix + ("conv_in.weight" if lay.naming == "diffusers" else "input_blocks.0.0.weight")
-    )
-    if fam.diffusion == "unet" and conv_in is not None and len(conv_in.shape) == 4 and conv_in.shape[1] != 4:
-        notes.append(f"UNet takes {conv_in.shape[1]} input channels (inpainting/instruct model?)")
-    if fam.arch == "flux" and lay.naming == "bfl":
-        dev = any(k.startswith(lay.prefix + "guidance_in.") for k in tensors)
-        notes.append(
-            "guidance embedder present (FLUX.1-dev-like)"
-            if dev
-            else "no guidance embedder (FLUX.1-schnell-like)"
-        )
+    for variant in fam.variants:
+        if variant.naming is not None and variant.naming != lay.naming:
+            continue
+        info = tensors.get(lay.prefix + variant.key)
+        if variant.dim is not None:
+            if info is not None and len(info.shape) > variant.dim and info.shape[variant.dim] != variant.size:
+                notes.append((variant.present or "").format(size=info.shape[variant.dim]))
+        elif info is not None and variant.present:
+            notes.append(variant.present)
+        elif info is None and variant.absent:
+            notes.append(variant.absent)
     if any(k.endswith("scaled_fp8") for k in tensors):
         notes.append("scaled fp8 checkpoint (scale_weight per layer)")
     return notes

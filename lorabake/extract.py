@@ -9,8 +9,8 @@ data section from the in-RAM factors, put the hash in the header's metadata and 
 Decisions (the math ones are in `lorabake.svd`):
 
 * Names: `KeyMap.kohya_names` gives the stem(s) a kohya trainer writes for a base weight, one per
-  q/k/v row slice of an OpenCLIP fused `in_proj_weight`; Flux/SD3 fused qkv and linear1 get one
-  whole-matrix stem. A stem is written only if `keymap.targets[stem]` points back at that key and
+  q/k/v row slice of an OpenCLIP fused `in_proj_weight`; a DiT's fused qkv (kohya names it whole)
+  gets one whole-matrix stem. A stem is written only if `keymap.targets[stem]` points back at that key and
   slice, so the output always loads through `build_keymap`.
 * Skips: a module whose bytes are identical in both files is "unchanged" (bitwise, per row slice
   for fused weights); otherwise one with max|ΔW| ≤ `min_diff` is "below min-diff" (absolute,
@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lorabake import __version__, devices, dtypes, svd
-from lorabake.arch import ARCH_NAMES
+from lorabake.arch import FAMILIES, TEXT_ENCODER_KINDS
 from lorabake.detect import CheckpointInfo, detect_checkpoint
 from lorabake.errors import MatchError, OutputError, UsageError
 from lorabake.keymap import KeyMap, build_keymap
@@ -53,80 +53,6 @@ Progress = Callable[[int], None]
 
 OUTPUT_DTYPES = ("fp16", "bf16", "fp32")
 COMPONENT_CHOICES = ("unet", "dit", "te", "te1", "te2", "te3")  # unet and dit both mean the diffusion model
-
-# Module suffixes (relative to the component root, parameter included) that trainers target, by
-# ComponentInfo.kind. kohya LoRANetwork: Transformer2DModel linears/1x1 convs and CLIPAttention/CLIPMLP
-# kohya's extraction targets; lora_flux / lora_sd3: the block linears incl. modulation; T5 attention and MLP.
-_ATTN = tuple(f"{a}.{p}.weight" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0"))
-_HF_CLIP = tuple(f"self_attn.{p}_proj.weight" for p in "qkv") + (
-    "self_attn.out_proj.weight",
-    "mlp.fc1.weight",
-    "mlp.fc2.weight",
-)
-TRAINER_TARGETS: dict[str, tuple[str, ...]] = {
-    "unet": _ATTN + ("ff.net.0.proj.weight", "ff.net.2.weight", "proj_in.weight", "proj_out.weight"),
-    "flux": tuple(
-        f"{s}_{m}.weight"
-        for s in ("img", "txt")
-        for m in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2", "mod.lin")
-    )
-    + ("linear1.weight", "linear2.weight", "modulation.lin.weight"),
-    "mmdit": tuple(
-        f"{b}.{m}.weight"
-        for b in ("x_block", "context_block")
-        for m in (
-            "attn.qkv",
-            "attn.proj",
-            "attn2.qkv",
-            "attn2.proj",
-            "mlp.fc1",
-            "mlp.fc2",
-            "adaLN_modulation.1",
-        )
-    ),
-    "clip_l": _HF_CLIP,
-    "clip_g": _HF_CLIP,
-    "clip_h": _HF_CLIP,
-    "openclip_h": ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"),
-    "openclip_g": ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"),
-    "t5xxl": tuple(f"SelfAttention.{p}.weight" for p in "qkvo")
-    + tuple(f"DenseReluDense.{p}.weight" for p in ("wi", "wi_0", "wi_1", "wo")),
-}
-# Added when a conv rank is given: kohya's ResnetBlock2D / Downsample2D / Upsample2D children (LDM and
-# diffusers spellings). Their linear and 1x1 parts take --rank, the 3x3 convs --conv-rank.
-CONV_TARGETS: dict[str, tuple[str, ...]] = {
-    "unet": (
-        "in_layers.2.weight",
-        "out_layers.3.weight",
-        "emb_layers.1.weight",
-        "skip_connection.weight",
-        "op.weight",
-        "conv1.weight",
-        "conv2.weight",
-        "time_emb_proj.weight",
-        "conv_shortcut.weight",
-        "downsamplers.0.conv.weight",
-        "upsamplers.0.conv.weight",
-    ),
-}
-_LDM_UPSAMPLE = ".conv.weight"  # output_blocks.N.M.conv: only under output_blocks
-
-# modelspec.implementation by family (kohya sai_model_spec), and the default resolution.
-_IMPLEMENTATION = {
-    "sd1": "diffusers",
-    "sd2": "diffusers",
-    "sdxl": "https://github.com/Stability-AI/generative-models",
-    "sd3": "https://github.com/Stability-AI/generative-models",
-    "flux": "https://github.com/black-forest-labs/flux",
-}
-_RESOLUTION = {
-    "sd1": "512x512",
-    "sd2": "512x512",
-    "sdxl": "1024x1024",
-    "sd3": "1024x1024",
-    "flux": "1024x1024",
-}
-
 
 @dataclass(frozen=True)
 class ExtractOptions:
@@ -298,7 +224,7 @@ def _same_family(base: SafetensorsReader, tuned: SafetensorsReader) -> Checkpoin
             "cannot tell which model family the base checkpoint is"
             + (f" ({'; '.join(info.notes)})" if info.notes else ""),
             path=base.path,
-            hint="extract supports SD1, SD2, SDXL, SD3 and Flux checkpoints",
+            hint="extract supports checkpoints of " + ", ".join(f.title for f in FAMILIES.values()),
         )
     if other.arch != info.arch:
         raise MatchError(
@@ -322,14 +248,18 @@ def _wanted_components(info: CheckpointInfo, selected: tuple[str, ...]) -> list[
     return out
 
 
-def _is_target(rel: str, kind: str, *, conv: bool) -> bool:
-    suffixes = TRAINER_TARGETS.get(kind, ())
-    if conv:
-        suffixes = suffixes + CONV_TARGETS.get(kind, ())
+def _targets(info: CheckpointInfo, component: str, kind: str, *, conv: bool) -> tuple[str, ...]:
+    """Module suffixes trainers target in `component`: the family's rows, or the text encoder kind's."""
+    if component in TEXT_ENCODERS:
+        row = TEXT_ENCODER_KINDS.get(kind)
+        return row.extract_targets if row else ()
+    family = FAMILIES[info.arch]
+    return family.extract_targets + (family.extract_conv_targets if conv else ())
+
+
+def _is_target(rel: str, suffixes: tuple[str, ...]) -> bool:
     dotted = "." + rel
-    if any(dotted.endswith("." + s) for s in suffixes):
-        return True
-    return conv and kind == "unet" and rel.startswith("output_blocks.") and rel.endswith(_LDM_UPSAMPLE)
+    return any(dotted.endswith("." + s) for s in suffixes)
 
 
 def plan_jobs(
@@ -338,6 +268,8 @@ def plan_jobs(
     """The modules to extract (in base file order) and the selected weights no kohya name reaches."""
     comps = {name: info.components[name] for name in _wanted_components(info, opts.components)}
     roots = sorted(comps.values(), key=lambda c: -len(c.root))
+    conv = opts.conv_rank is not None
+    targets = {c.name: _targets(info, c.name, c.kind, conv=conv) for c in comps.values()}
     jobs: list[Job] = []
     unaddressable: list[str] = []
     for key, tinfo in base.tensors.items():
@@ -347,7 +279,7 @@ def plan_jobs(
         if comp is None:
             continue
         rel = key[len(comp.root) :]
-        if not opts.all_modules and not _is_target(rel, comp.kind, conv=opts.conv_rank is not None):
+        if not opts.all_modules and not _is_target(rel, targets[comp.name]):
             continue
         if opts.all_modules and not (rel.endswith("weight") or rel.endswith("in_proj_weight")):
             continue
@@ -564,7 +496,7 @@ def data_sha256(items: list[tuple[str, torch.Tensor]]) -> str:
 
 
 def build_metadata(opts: ExtractOptions, arch: str, result: ExtractResult) -> dict[str, str]:
-    names = ARCH_NAMES[arch]
+    family = FAMILIES[arch]
     conv = [m for m in result.modules if _spatial(m.shape)]
     dynamic = opts.rank_mode != "fixed"
     dim = "Dynamic" if dynamic else str(opts.rank)
@@ -574,13 +506,13 @@ def build_metadata(opts: ExtractOptions, arch: str, result: ExtractResult) -> di
         "ss_network_module": "networks.lora",
         "ss_network_dim": dim,
         "ss_network_alpha": alpha,
-        "ss_base_model_version": names["kohya"],
-        "ss_v2": str(arch == "sd2"),
+        "ss_base_model_version": family.kohya,
+        "ss_v2": str("ss_v2" in family.legacy_flags),
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": f"{names['modelspec']}/lora",
-        "modelspec.implementation": _IMPLEMENTATION.get(arch, "diffusers"),
+        "modelspec.architecture": f"{family.modelspec}/lora",
+        "modelspec.implementation": family.implementation,
         "modelspec.title": os.path.splitext(os.path.basename(opts.output))[0],
-        "modelspec.resolution": _RESOLUTION.get(arch, "1024x1024"),
+        "modelspec.resolution": family.resolution,
     }
     # A date only when the caller fixes one (reproducible builds' SOURCE_DATE_EPOCH): the same
     # command must give the same bytes.

@@ -18,36 +18,38 @@ from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from lorabake import dtypes
-from lorabake.arch import FAMILIES
+from lorabake.arch import FAMILIES, TEXT_ENCODER_KINDS
 from lorabake.arch.common import (
-    ATTN_PROCESSOR,
     BIAS_PARAMS,
     DIT_LORA_PREFIXES,
     GENERIC_COMPONENT_PREFIXES,
     GENERIC_TEXT_ENCODERS,
-    OPENCLIP_TO_HF,
     PARTS,
-    RESNET_RENAMES,
-    UNET_LEAVES,
     UNET_LORA_PREFIXES,
     WEIGHT_PARAMS,
     Alias,
+    Renames,
     TextEncoder,
-    UnetBlocks,
+    TextEncoderKind,
 )
 from lorabake.detect import CheckpointInfo
 from lorabake.st_header import TensorInfo
 from lorabake.types import TEXT_ENCODERS, RowSlice, Target
 
-# Naming family of a text encoder's own keys, by ComponentInfo.kind.
-_TE_NAMING = {
-    "clip_l": "hf",
-    "clip_h": "hf",
-    "clip_g": "hf",
-    "t5xxl": "hf",
-    "openclip_h": "openclip",
-    "openclip_g": "openclip",
-}
+_UNKNOWN_KIND = TextEncoderKind("hf", (), ())
+
+
+class Rule(NamedTuple):
+    """Why a stem lands where it does: the family, the table and row that made the name, the LoRA prefix."""
+
+    family: str  # family id, or "unknown" (the base's own names only)
+    table: str  # "own name" or "<source> -> <target> names"
+    row: str  # the row of that table, e.g. "double_blocks.{n}.img_attn.qkv -> transformer_blocks.{n}.attn.to_q [q]"
+    prefix: str  # the LoRA-side prefix ("lora_unet_" joins the path with "_")
+
+    def __str__(self) -> str:
+        where = f"prefix {self.prefix!r}" if self.prefix else "no prefix"
+        return f"{self.family}: {self.table}: {self.row} ({where})"
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class KeyMap:
     shadowed: tuple[str, ...] = ()
     # (LoRA prefix, component), longest prefix first, for component_of
     prefixes: tuple[tuple[str, str], ...] = ()
+    # stem -> the rule that sent it to its target (for `inspect --keys`)
+    rules: dict[str, Rule] = field(default_factory=dict)
 
     def component_of(self, stem: str) -> str | None:
         """The component a stem's prefix names (even one the base lacks), or None if no prefix says."""
@@ -86,13 +90,12 @@ class KeyMap:
 def build_keymap(tensors: Mapping[str, TensorInfo], info: CheckpointInfo) -> KeyMap:
     """Every LoRA stem the base accepts, from the base's keys and the family tables of `info.arch`."""
     family = FAMILIES.get(info.arch)
+    family_id = family.arch if family else "unknown"
     text_encoders = {te.component: te for te in (family.text_encoders if family else GENERIC_TEXT_ENCODERS)}
     if family is None:
         diffusion_prefixes = tuple(dict.fromkeys(UNET_LORA_PREFIXES + DIT_LORA_PREFIXES))
     else:
-        diffusion_prefixes = UNET_LORA_PREFIXES if family.diffusion == "unet" else DIT_LORA_PREFIXES
-    renames = family.renames if family else {}
-    unet = family is not None and family.diffusion == "unet"
+        diffusion_prefixes = family.lora_prefixes
 
     table = _Table()
     modules_by_component = _modules(tensors, info)
@@ -103,12 +106,11 @@ def build_keymap(tensors: Mapping[str, TensorInfo], info: CheckpointInfo) -> Key
         if comp.name in TEXT_ENCODERS:
             te = text_encoders.get(comp.name)
             prefixes = te.lora_prefixes if te else ()
-            names = _text_encoder_names(modules, comp.kind)
+            names = _text_encoder_names(modules, TEXT_ENCODER_KINDS.get(comp.kind, _UNKNOWN_KIND))
         else:
             prefixes = diffusion_prefixes
-            names = _diffusion_names(
-                modules, info.naming, renames, unet=unet, blocks=family.unet_blocks if family else None
-            )
+            native = info.naming if info.naming != "unknown" else "native"
+            names = _renamed(modules, native, family.renames if family else ())
         flavour = family.kohya_names.get(comp.name) if family else None
         for module, module_names in names.items():
             mod = modules[module]
@@ -121,11 +123,16 @@ def build_keymap(tensors: Mapping[str, TensorInfo], info: CheckpointInfo) -> Key
                     continue
                 for prefix in prefixes:
                     stem = prefix + (name.name.replace(".", "_") if prefix.endswith("_") else name.name)
-                    table.add(stem, target, fallback=name.alias is None)
-                    stems_by.setdefault((name.family, prefix), []).append(stem)
+                    table.add(
+                        stem,
+                        target,
+                        Rule(family_id, name.table, name.row, prefix),
+                        fallback=name.alias is None,
+                    )
+                    stems_by.setdefault((name.naming, prefix), []).append(stem)
             if flavour:
                 prefix, naming = flavour
-                stems = stems_by.get((naming, prefix)) or stems_by.get((module_names[0].family, prefix))
+                stems = stems_by.get((naming, prefix)) or stems_by.get((module_names[0].naming, prefix))
                 if stems:
                     table.kohya[mod.key] = tuple(stems)
 
@@ -138,28 +145,37 @@ def build_keymap(tensors: Mapping[str, TensorInfo], info: CheckpointInfo) -> Key
         ambiguous=ambiguous,
         shadowed=shadowed,
         prefixes=_component_prefixes(info, text_encoders, diffusion_prefixes),
+        rules={stem: rule for stem, rule in table.rules.items() if stem in targets},
     )
 
 
 class _Name(NamedTuple):
-    family: str  # naming family: "ldm", "diffusers", "attnproc", "mmdit", "bfl", "hf", "openclip", ...
-    name: str  # dotted module path in that family
+    naming: str  # "ldm", "diffusers", "attnproc", "mmdit", "bfl", "hf", "openclip", ...
+    name: str  # dotted module path in that naming
     alias: Alias | None  # None for the checkpoint's own name
+    table: str = "own name"
+    row: str = ""
 
 
 class _Table:
     def __init__(self) -> None:
         self.tiers: tuple[dict[str, Target], dict[str, Target]] = ({}, {})  # explicit, fallback
+        self.why: tuple[dict[str, Rule], dict[str, Rule]] = ({}, {})  # the first rule giving each stem
         self.clashes: dict[str, list[Target]] = {}
         self.kohya: dict[str, tuple[str, ...]] = {}
 
-    def add(self, stem: str, target: Target, *, fallback: bool) -> None:
-        tier = self.tiers[1 if fallback else 0]
-        seen = tier.setdefault(stem, target)
+    def add(self, stem: str, target: Target, rule: Rule, *, fallback: bool) -> None:
+        tier = 1 if fallback else 0
+        seen = self.tiers[tier].setdefault(stem, target)
+        self.why[tier].setdefault(stem, rule)
         if seen != target:
             clash = self.clashes.setdefault(stem, [seen])
             if target not in clash:
                 clash.append(target)
+
+    @property
+    def rules(self) -> dict[str, Rule]:
+        return {**self.why[1], **self.why[0]}
 
     def result(self) -> tuple[dict[str, Target], dict[str, tuple[Target, ...]], tuple[str, ...]]:
         explicit, fallback = self.tiers
@@ -179,14 +195,21 @@ def _shaped(base: Target, alias: Alias, shape: tuple[int, ...]) -> Target | None
     row_slice = None
     if alias.part is not None:
         hidden = shape[1]
-        start, end = PARTS[alias.part]
-        first, stop = start * hidden, (end * hidden if end is not None else shape[0])
-        if stop > shape[0] or stop <= first:
+        start, end = PARTS[alias.part] if isinstance(alias.part, str) else alias.part
+        first = _rows_of(start, hidden)
+        stop = shape[0] if end is None else _rows_of(end, hidden)
+        if first is None or stop is None or stop > shape[0] or stop <= first:
             return None
         row_slice = RowSlice(first, stop - first)
     if row_slice is None and alias.transform is None:
         return base
     return replace(base, slice=row_slice, transform=alias.transform)
+
+
+def _rows_of(units: float, hidden: int) -> int | None:
+    """`units` × H as a whole row count, or None when it is not one (the band does not fit this weight)."""
+    rows = units * hidden
+    return round(rows) if abs(rows - round(rows)) < 1e-6 else None
 
 
 # --- the base's modules ---------------------------------------------------------------------------------
@@ -221,42 +244,83 @@ def _modules(tensors: Mapping[str, TensorInfo], info: CheckpointInfo) -> dict[st
     return out
 
 
-# --- names of the diffusion model -----------------------------------------------------------------------
+# --- other names of a module: the family's rename tables, applied in order ----------------------------
 
 
-def _diffusion_names(
-    modules: Mapping[str, _Module],
-    naming: str,
-    renames: Mapping[str, Mapping[str, tuple[Alias, ...]]],
-    *,
-    unet: bool,
-    blocks: UnetBlocks | None = None,
+def _renamed(
+    modules: Mapping[str, object], native: str, tables: tuple[Renames, ...]
 ) -> dict[str, list[_Name]]:
-    native = naming if naming != "unknown" else "native"
+    """module -> its own name plus every name the tables give it; a table reads names earlier ones made."""
     names = {m: [_Name(native, m, None)] for m in modules}
-    if unet and naming == "ldm":
-        pairs = _unet_block_pairs(set(modules), naming="ldm", default=blocks)
-        for m, out in names.items():
-            d = _translate(m, pairs, RESNET_RENAMES)
-            if d is not None:
-                out.append(_Name("diffusers", d, Alias(d)))
-                out.extend(_attn_processor(d))
-    elif unet and naming == "diffusers":
-        pairs = {d: ldm for ldm, d in _unet_block_pairs(set(modules), naming="diffusers", default=blocks).items()}
-        back = {d: ldm for ldm, d in RESNET_RENAMES.items()}
-        for m, out in names.items():
-            ldm = _translate(m, pairs, back)
-            if ldm is not None:
-                out.append(_Name("ldm", ldm, Alias(ldm)))
-            out.extend(_attn_processor(m))
-    else:
-        for m, out in names.items():
-            for family, rows in renames.items():
-                n, aliases = _lookup(rows, m)
-                out.extend(
-                    _Name(family, a.name.format(n=n), a._replace(name=a.name.format(n=n))) for a in aliases
-                )
+    for table in tables:
+        label = f"{table.source} -> {table.target} names"
+        for out in names.values():
+            for name in [n for n in out if n.naming == table.source]:
+                for alias, row in _apply(table, name.name):
+                    composed = _compose(name.alias, alias)
+                    if (
+                        composed is not None
+                        and not any(
+                            n.naming == table.target
+                            and n.name == composed.name
+                            and n.alias in (None, composed)
+                            for n in out
+                        )
+                    ):  # a table back to a naming already there (diffusers -> ldm on an LDM base) adds nothing
+                        out.append(_Name(table.target, composed.name, composed, label, row))
     return names
+
+
+def _apply(table: Renames, module: str) -> list[tuple[Alias, str]]:
+    """(alias, row text) for each row of `table` that renames `module`."""
+    found = []
+    n, aliases = _lookup(table.modules, module)
+    for a in aliases:
+        name = a.name.format(n=n)
+        band = f" [{a.part}]" if a.part else ""
+        found.append((a._replace(name=name), f"{_template(module, n)} -> {a.name}{band}"))
+    if table.blocks:
+        parts = module.split(".")
+        for k in range(len(parts), 0, -1):
+            head = ".".join(parts[:k])
+            block = table.blocks.get(head)
+            if block is None:
+                continue
+            rest = ".".join(parts[k:])
+            if rest and block.inner:
+                rest = block.inner.get(rest, rest)
+            name = f"{block.name}.{rest}" if rest else block.name
+            found.append(
+                (
+                    Alias(name),
+                    f"{head} -> {block.name} ({block.rule})" if block.rule else f"{head} -> {block.name}",
+                )
+            )
+            break
+    for tail, new_tail in table.tails.items():
+        if module.endswith("." + tail):
+            found.append((Alias(module[: -len(tail)] + new_tail), f"*.{tail} -> *.{new_tail}"))
+    return found
+
+
+def _compose(first: Alias | None, then: Alias) -> Alias | None:
+    """An alias of an alias: the band, transform and row count of `first` carry over (two bands cannot)."""
+    if first is None:
+        return then
+    if first.part and then.part:
+        return None
+    return then._replace(
+        part=then.part or first.part,
+        transform=then.transform or first.transform,
+        rows=then.rows or first.rows,
+    )
+
+
+def _template(module: str, n: str | None) -> str:
+    if n is None:
+        return module
+    parts = module.split(".")
+    return ".".join("{n}" if p == n and i == parts.index(n) else p for i, p in enumerate(parts))
 
 
 def _lookup(rows: Mapping[str, tuple[Alias, ...]], module: str) -> tuple[str | None, tuple[Alias, ...]]:
@@ -271,109 +335,34 @@ def _lookup(rows: Mapping[str, tuple[Alias, ...]], module: str) -> tuple[str | N
     return None, ()
 
 
-def _attn_processor(diffusers_name: str) -> list[_Name]:
-    """Old diffusers attn-processor spelling of an attention projection (`attn1.processor.to_q`)."""
-    for tail, proc in ATTN_PROCESSOR.items():
-        if diffusers_name.endswith("." + tail) and ".attn" in diffusers_name:
-            name = diffusers_name[: -len(tail)] + proc
-            return [_Name("attnproc", name, Alias(name))]
-    return []
-
-
-def _unet_block_pairs(modules: set[str], *, naming: str, default: UnetBlocks | None) -> dict[str, str]:
-    """LDM block prefix -> diffusers block prefix for this UNet, from its own modules.
-
-    Levels, layers per block and which levels have attention are read from the module names when
-    the file shows its downsamplers (a whole UNet); a partial file falls back to the family's
-    declared structure. Leaf entries (conv_in, downsamplers, upsamplers, time/label embeddings)
-    map whole modules.
-    """
-    blocks = {".".join(m.split(".")[:k]) for m in modules for k in range(1, 5)}
-    if naming == "ldm":
-        ops = sorted(
-            int(b.split(".")[1]) for b in blocks if b.startswith("input_blocks.") and b.endswith(".0.op")
-        )
-        whole = bool(ops)
-        per = ops[0] if ops else 0
-        levels = len(ops) + 1
-        down_attn = [f"input_blocks.{1 + per * i}.1" in blocks for i in range(levels)]
-        up_attn = [f"output_blocks.{per * i}.1" in blocks for i in range(levels)]
-    else:
-        levels = sum(1 for i in range(16) if f"down_blocks.{i}" in blocks)
-        whole = "down_blocks.0.downsamplers.0.conv" in blocks
-        per = 1 + sum(1 for j in range(16) if f"down_blocks.0.resnets.{j}" in blocks)
-        down_attn = [f"down_blocks.{i}.attentions.0" in blocks for i in range(levels)]
-        up_attn = [f"up_blocks.{i}.attentions.0" in blocks for i in range(levels)]
-    if not whole and default is not None:
-        levels, per, down_attn, up_attn = default
-    layers = per - 1  # resnets per down level; up levels have one more
-
-    pairs = dict(UNET_LEAVES)
-    for i in range(levels):
-        for j in range(layers):
-            n = 1 + per * i + j
-            pairs[f"input_blocks.{n}.0"] = f"down_blocks.{i}.resnets.{j}"
-            if down_attn[i]:
-                pairs[f"input_blocks.{n}.1"] = f"down_blocks.{i}.attentions.{j}"
-        if i < levels - 1:
-            pairs[f"input_blocks.{per * (i + 1)}.0.op"] = f"down_blocks.{i}.downsamplers.0.conv"
-    pairs["middle_block.0"] = "mid_block.resnets.0"
-    pairs["middle_block.1"] = "mid_block.attentions.0"
-    pairs["middle_block.2"] = "mid_block.resnets.1"
-    for i in range(levels):
-        for j in range(per):
-            n = per * i + j
-            pairs[f"output_blocks.{n}.0"] = f"up_blocks.{i}.resnets.{j}"
-            if up_attn[i]:
-                pairs[f"output_blocks.{n}.1"] = f"up_blocks.{i}.attentions.{j}"
-        if i < levels - 1:
-            pairs[f"output_blocks.{per * i + layers}.{2 if up_attn[i] else 1}.conv"] = (
-                f"up_blocks.{i}.upsamplers.0.conv"
-            )
-    return pairs
-
-
-def _translate(module: str, pairs: Mapping[str, str], sub_renames: Mapping[str, str]) -> str | None:
-    """Rename `module` by its longest block prefix in `pairs`; resnet sub-modules go through `sub_renames`."""
-    parts = module.split(".")
-    for k in range(min(len(parts), 5), 0, -1):
-        head = ".".join(parts[:k])
-        new_head = pairs.get(head)
-        if new_head is None:
-            continue
-        rest = ".".join(parts[k:])
-        if not rest:
-            return new_head
-        if ".resnets." in new_head or ".resnets." in head:
-            rest = sub_renames.get(rest, rest)
-        return f"{new_head}.{rest}"
-    return None
-
-
 # --- names of the text encoders -------------------------------------------------------------------------
 
 
-def _text_encoder_names(modules: Mapping[str, _Module], kind: str) -> dict[str, list[_Name]]:
-    naming = _TE_NAMING.get(kind, "hf")
-    names = {m: [_Name(naming, m, None)] for m in modules}
-    if naming == "openclip":
-        for m, out in names.items():
-            n, aliases = _lookup(OPENCLIP_TO_HF, m)
-            out.extend(_Name("hf", a.name.format(n=n), a._replace(name=a.name.format(n=n))) for a in aliases)
-    elif kind.startswith("clip") and modules and not any(m.startswith("text_model.") for m in modules):
-        # old SD1 files: cond_stage_model.transformer.encoder.* without text_model ([CU] SD15 renames)
+def _text_encoder_names(modules: Mapping[str, _Module], kind: TextEncoderKind) -> dict[str, list[_Name]]:
+    names = _renamed(modules, kind.naming, kind.renames)
+    if (
+        kind.clip
+        and kind.naming == "hf"
+        and modules
+        and not any(m.startswith("text_model.") for m in modules)
+    ):
+        # old SD1 files: cond_stage_model.transformer.encoder.* without text_model (ComfyUI comfy/lora.py
+        # maps both spellings)
         for m, out in names.items():
             if not m.startswith("text_projection"):
-                out.append(_Name("hf", "text_model." + m, Alias("text_model." + m)))
-    if naming == "openclip" or kind.startswith("clip"):
+                out.append(
+                    _Name("hf", "text_model." + m, Alias("text_model." + m), "hf names", "* -> text_model.*")
+                )
+    if kind.clip:
         # transformers >= 5 CLIPTextModel (not …WithProjection) has no `text_model` level, so PEFT/diffusers
         # LoRAs trained on it say `text_encoder.encoder.layers.0.…`: the module `text_model.encoder.…`.
         # Registered for every CLIP slot: unambiguous, and which class a trainer used is not ours to know.
         for out in names.values():
             for n in list(out):
-                if n.family == "hf" and n.name.startswith("text_model."):
+                if n.naming == "hf" and n.name.startswith("text_model."):
                     flat = n.name[len("text_model.") :]
-                    out.append(_Name("hf_flat", flat, (n.alias or Alias(n.name))._replace(name=flat)))
+                    alias = (n.alias or Alias(n.name))._replace(name=flat)
+                    out.append(_Name("hf_flat", flat, alias, "hf names", "text_model.* -> *"))
     return names
 
 

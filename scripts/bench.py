@@ -43,8 +43,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from lorabake import dtypes  # noqa: E402
+from lorabake.arch import FAMILIES  # noqa: E402
 from lorabake.detect import detect_checkpoint  # noqa: E402
-from lorabake.extract import CONV_TARGETS, TRAINER_TARGETS, kohya_modules  # noqa: E402
+from lorabake.extract import kohya_modules  # noqa: E402
 from lorabake.keymap import build_keymap  # noqa: E402
 from lorabake.st_reader import SafetensorsReader  # noqa: E402
 from lorabake.st_writer import SafetensorsWriter  # noqa: E402
@@ -53,7 +54,6 @@ from tests.archfix import arch_tensors  # noqa: E402
 CACHE = os.environ.get("LORABAKE_BENCH_CACHE", os.path.join(tempfile.gettempdir(), "lorabake-bench"))
 UNET_ROOT = "model.diffusion_model."
 DTYPE = {"sd1": torch.float16, "sdxl": torch.float16, "flux": torch.bfloat16}
-KIND = {"sd1": "unet", "sdxl": "unet", "flux": "flux"}
 # (naming, rank, LoCon on 3x3 convs): merge xN uses the first N
 LORAS = [("kohya", 16, True), ("peft", 64, False), ("kohya", 128, False), ("peft", 128, False)]
 NAMES = {"sd1": "SD1.5 fp16", "sdxl": "SDXL fp16", "flux": "Flux.1 DiT bf16"}
@@ -114,11 +114,11 @@ def lora_targets(arch: str, base_path: str) -> list[tuple[str, str, str | None, 
         if not key.startswith(UNET_ROOT) or len(info.shape) not in (2, 4):
             continue
         rel = key[len(UNET_ROOT) :]
-        linear = any(rel.endswith("." + s) or rel == s for s in TRAINER_TARGETS[KIND[arch]])
+        linear = any(rel.endswith("." + s) or rel == s for s in FAMILIES[arch].extract_targets)
         conv = (
             len(info.shape) == 4
             and info.shape[2] == 3
-            and any(rel.endswith("." + s) for s in CONV_TARGETS.get(KIND[arch], ()))
+            and any(rel.endswith("." + s) for s in FAMILIES[arch].extract_conv_targets)
         )
         if not (linear or conv):
             continue

@@ -39,7 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from lorabake import svd  # noqa: E402
-from lorabake.extract import TRAINER_TARGETS  # noqa: E402
+from lorabake.arch import FAMILIES  # noqa: E402
 from tests.archfix import arch_tensors  # noqa: E402
 
 UNET_ROOT = "model.diffusion_model."
@@ -51,7 +51,7 @@ def sdxl_unet_targets() -> list[tuple[str, tuple[int, ...]]]:
         if not key.startswith(UNET_ROOT):
             continue
         rel = "." + key[len(UNET_ROOT) :]
-        if any(rel.endswith("." + s) for s in TRAINER_TARGETS["unet"]):
+        if any(rel.endswith("." + s) for s in FAMILIES["sdxl"].extract_targets):
             out.append((key, tuple(entry["shape"])))
     return out
 

@@ -1,10 +1,12 @@
-"""Row types and the name tables shared by several families (UNet block map, OpenCLIP <-> HF CLIP).
+"""The row types a family module is written in, and the generic rows every family shares.
 
-Everything here is data; `lorabake.detect` and `lorabake.keymap` hold the little logic that reads it.
+Everything here is data; `lorabake.detect`, `lorabake.keymap` and `lorabake.lora_base` hold the
+little logic that reads it. The fields of `Family` are the contract a family module fills in.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import NamedTuple
 
 
@@ -17,11 +19,14 @@ class Probe(NamedTuple):
 
 
 class Layout(NamedTuple):
-    """One way a family's diffusion model is stored: its root prefix, its naming and its sentinels."""
+    """One way a family's diffusion model is stored: its root prefix, its naming and its sentinels.
 
-    layout: str  # "ldm", "sgm", "comfyui", "bfl", "unet-only", "dit-only", "diffusers"
-    prefix: str  # diffusion model root, e.g. "model.diffusion_model."
-    naming: str  # "ldm" | "diffusers" | "mmdit" | "bfl": how module names under the root read
+    The first layout whose probes all match decides; the longest prefix wins among several.
+    """
+
+    layout: str  # "ldm", "sgm", "comfyui", "bfl", "unet-only", "dit-only", "diffusers", ...
+    prefix: str  # diffusion model root, e.g. "model.diffusion_model."; "" for a prefix-less file
+    naming: str  # how module names under the root read: the `source` of the Renames that apply
     probes: tuple[Probe, ...]
 
 
@@ -29,37 +34,120 @@ class TextEncoder(NamedTuple):
     """One text encoder slot: where it may be stored (first present root wins) and its LoRA prefixes."""
 
     component: str  # "te1" | "te2" | "te3"
-    roots: tuple[tuple[str, str], ...]  # (key prefix, kind)
+    roots: tuple[tuple[str, str], ...]  # (key prefix, kind); kind is a row of TEXT_ENCODER_KINDS
     lora_prefixes: tuple[str, ...]  # LoRA-side prefixes; ending in "_" means module path joined with "_"
+
+
+class TextEncoderKind(NamedTuple):
+    """What a text encoder kind (CLIP-L, OpenCLIP-G, T5, ...) is called and which of its modules trainers target."""
+
+    naming: str  # "hf" (transformers names) | "openclip" (raw OpenCLIP with fused in_proj) | ...
+    renames: tuple[Renames, ...]
+    extract_targets: tuple[str, ...]  # module suffixes (parameter included)
+    clip: bool = False  # a CLIP text model: gets the `text_model.`-less spellings (see keymap)
 
 
 class Alias(NamedTuple):
     """One other name of a checkpoint module: `name` (a template with {n} = block index).
 
-    `part` selects rows of a fused weight (see PARTS); `transform` is applied to ΔW; `rows`, when
-    set, restricts the row to weights with rows == rows × H (H = in-features).
+    `part` selects rows of a fused weight: a name in PARTS, or (start, stop) in units of the
+    weight's in-features H (stop None = to the end), so unequal bands (GQA: q is H rows, k and v
+    fewer) are written as they are; a band that does not fit the weight's shape drops the row.
+    `transform` is applied to ΔW; `rows`, when set, restricts the row to weights with
+    rows == rows × H.
     """
 
     name: str
-    part: str | None = None
+    part: str | tuple[float, float | None] | None = None
     transform: str | None = None
     rows: int | None = None
 
 
+class Block(NamedTuple):
+    """A block prefix renamed as a whole: the rest of the module path follows, through `inner` if given."""
+
+    name: str  # the block's prefix in the target naming
+    inner: Mapping[str, str] | None = None  # renames of the path under the block (resnet sub-modules)
+    rule: str = ""  # the row of the block table this came from, for `inspect --keys`
+
+
+class Renames(NamedTuple):
+    """Names in naming `target` for modules named in naming `source`.
+
+    Three kinds of row, tried in this order: `modules` (exact module path, or the path with its
+    first number as {n}), `blocks` (longest block prefix), `tails` (last path parts). Tables apply
+    in the family's order and may read names an earlier table made (ldm -> diffusers -> attnproc).
+    """
+
+    source: str
+    target: str
+    modules: Mapping[str, tuple[Alias, ...]] = {}
+    blocks: Mapping[str, Block] = {}
+    tails: Mapping[str, str] = {}
+    note: str = ""  # what the table is and who writes these names
+
+
+class Variant(NamedTuple):
+    """A note detection adds when `key` (under the diffusion root) is present / absent, or has another size."""
+
+    key: str
+    present: str | None = None
+    absent: str | None = None
+    naming: str | None = None  # only for layouts of this naming
+    dim: int | None = None  # with `size`: note `present` (with {size}) when shape[dim] != size
+    size: int | None = None
+
+
+class BlockGroup(NamedTuple):
+    """Modules a per-block strength addresses: `name` ({n} = index) -> module prefix in native naming."""
+
+    name: str
+    prefix: str
+
+
+class Family(NamedTuple):
+    """Everything lorabake knows about one model family, as rows. One module under `arch/` fills it in."""
+
+    arch: str  # id: "sd1", "sdxl", "flux", ...
+    title: str
+    modelspec: str  # modelspec.architecture of a checkpoint (LoRAs append "/lora")
+    kohya: str  # ss_base_model_version written by kohya sd-scripts
+    metadata_names: tuple[str, ...]  # prefixes of modelspec.architecture / ss_base_model_version naming it
+    diffusion: str  # component name: "unet" | "dit"
+    diffusion_kind: str  # ComponentInfo.kind of the diffusion model
+    layouts: tuple[Layout, ...]
+    text_encoders: tuple[TextEncoder, ...]
+    # component -> (kohya prefix, naming) of the stem a kohya/musubi trainer writes (extraction names)
+    kohya_names: dict[str, tuple[str, str]]
+    renames: tuple[Renames, ...] = ()
+    lora_prefixes: tuple[str, ...] = ()  # LoRA-side prefixes of the diffusion model (DIT_LORA_PREFIXES, ...)
+    # module suffixes (parameter included) trainers target: extraction's default set; conv ones with --conv-rank
+    extract_targets: tuple[str, ...] = ()
+    extract_conv_targets: tuple[str, ...] = ()
+    variants: tuple[Variant, ...] = ()
+    block_groups: tuple[BlockGroup, ...] = ()
+    implementation: str = "diffusers"  # modelspec.implementation written by extract
+    resolution: str = "1024x1024"  # modelspec.resolution written by extract
+    order: int = 100  # position in reports and in tie lists; decides nothing
+    # a kohya metadata key whose value "True" names this family (old kohya SD2 files: ss_v2)
+    legacy_flags: tuple[str, ...] = ()
+    text_encoder_kinds: Mapping[str, TextEncoderKind] = {}  # kinds only this family uses
+
+
 # Row ranges of fused weights in units of H (= the weight's in-features): [start, end), None = to the end.
-PARTS: dict[str, tuple[int, int | None]] = {
+PARTS: dict[str, tuple[float, float | None]] = {
     "q": (0, 1),
     "k": (1, 2),
     "v": (2, 3),
     "qkv": (0, 3),
-    "mlp": (3, None),  # Flux single_blocks.linear1 = q ‖ k ‖ v ‖ mlp-in
+    "mlp": (3, None),  # a fused q ‖ k ‖ v ‖ mlp-in projection
 }
 
 # Parameter names that carry a module's weight (the target) and the matching bias parameter.
 WEIGHT_PARAMS: dict[str, str | None] = {
     "weight": "bias",
     "in_proj_weight": "in_proj_bias",  # torch MultiheadAttention (OpenCLIP)
-    "scale": None,  # Flux RMSNorm
+    "scale": None,  # RMSNorm
 }
 BIAS_PARAMS = frozenset({"bias", "in_proj_bias"})
 
@@ -69,9 +157,9 @@ DIFFUSERS_FOLDERS = ("unet.", "transformer.", "text_encoder.", "text_encoder_2."
 # The VAE: never a LoRA target, only reported.
 VAE_ROOTS: tuple[str, ...] = ("first_stage_model.", "vae.")
 
-# LoRA-side prefixes of the diffusion model (UNet or DiT); every alias family gets all of them.
-# [KS] lora_unet_, [LY] lycoris_, OneTrainer lora_transformer_, [CU] generic diffusion_model.,
-# diffusers unet./transformer., PEFT base_model.model., DiffSynth/BFL no prefix.
+# LoRA-side prefixes of the diffusion model: kohya sd-scripts lora_unet_, LyCORIS lycoris_, OneTrainer
+# lora_transformer_, ComfyUI diffusion_model., diffusers unet./transformer., PEFT base_model.model.,
+# DiffSynth/BFL no prefix. A family lists the ones its trainers write.
 UNET_LORA_PREFIXES = (
     "lora_unet_",
     "lycoris_",
@@ -119,7 +207,7 @@ GENERIC_COMPONENT_PREFIXES: dict[str, str] = {
     "text_encoders.t5xxl.": "te3",
 }
 
-# Roots looked for when no family matched, so a base without a table (Lumina, ...) still takes LoRAs
+# Roots looked for when no family matched, so a base without a family module still takes LoRAs
 # named after its own keys (keymap's generic fallback).
 GENERIC_DIFFUSION_ROOTS: tuple[str, ...] = ("model.diffusion_model.",)
 GENERIC_TEXT_ENCODERS: tuple[TextEncoder, ...] = (
@@ -139,87 +227,3 @@ GENERIC_TEXT_ENCODERS: tuple[TextEncoder, ...] = (
         ("lora_te3_", "text_encoders.t5xxl.transformer."),
     ),
 )
-
-# ---------------------------------------------------------------------------------------------------------
-# SD UNet (LDM/SGM names <-> diffusers names). The block structure (levels, layers per
-# block, which levels have attention) is read from the checkpoint; these are the fixed sub-name tables.
-
-# LDM ResBlock sub-module -> diffusers ResnetBlock2D sub-module.
-RESNET_RENAMES: dict[str, str] = {
-    "in_layers.0": "norm1",
-    "in_layers.2": "conv1",
-    "emb_layers.1": "time_emb_proj",
-    "out_layers.0": "norm2",
-    "out_layers.3": "conv2",
-    "skip_connection": "conv_shortcut",
-}
-
-# Single modules outside the block grid.
-UNET_LEAVES: dict[str, str] = {
-    "input_blocks.0.0": "conv_in",
-    "time_embed.0": "time_embedding.linear_1",
-    "time_embed.2": "time_embedding.linear_2",
-    "out.0": "conv_norm_out",
-    "out.2": "conv_out",
-    "label_emb.0.0": "add_embedding.linear_1",  # SDXL
-    "label_emb.0.2": "add_embedding.linear_2",
-}
-
-# Old diffusers attention-processor LoRAs (`…attn1.processor.to_q_lora.up.weight`): last module parts.
-ATTN_PROCESSOR: dict[str, str] = {
-    "to_q": "processor.to_q",
-    "to_k": "processor.to_k",
-    "to_v": "processor.to_v",
-    "to_out.0": "processor.to_out",
-}
-
-# ---------------------------------------------------------------------------------------------------------
-# OpenCLIP text transformer (SD2 OpenCLIP-H, SDXL OpenCLIP-G) -> HF CLIPTextModel names
-# LoRAs are trained on the HF model, so their names are the HF ones; the fused in_proj is q ‖ k ‖ v.
-OPENCLIP_TO_HF: dict[str, tuple[Alias, ...]] = {
-    "transformer.resblocks.{n}.attn": (  # the in_proj_weight parameter
-        Alias("text_model.encoder.layers.{n}.self_attn.q_proj", part="q"),
-        Alias("text_model.encoder.layers.{n}.self_attn.k_proj", part="k"),
-        Alias("text_model.encoder.layers.{n}.self_attn.v_proj", part="v"),
-    ),
-    "transformer.resblocks.{n}.attn.out_proj": (Alias("text_model.encoder.layers.{n}.self_attn.out_proj"),),
-    "transformer.resblocks.{n}.mlp.c_fc": (Alias("text_model.encoder.layers.{n}.mlp.fc1"),),
-    "transformer.resblocks.{n}.mlp.c_proj": (Alias("text_model.encoder.layers.{n}.mlp.fc2"),),
-    "transformer.resblocks.{n}.ln_1": (Alias("text_model.encoder.layers.{n}.layer_norm1"),),
-    "transformer.resblocks.{n}.ln_2": (Alias("text_model.encoder.layers.{n}.layer_norm2"),),
-    "ln_final": (Alias("text_model.final_layer_norm"),),
-    "token_embedding": (Alias("text_model.embeddings.token_embedding"),),
-    "positional_embedding": (Alias("text_model.embeddings.position_embedding"),),
-    # OpenCLIP multiplies x @ P; HF's Linear weight is Pᵀ (OneTrainer lora_te2_text_projection).
-    "text_projection": (Alias("text_projection", transform="transpose"),),
-}
-
-
-class UnetBlocks(NamedTuple):
-    """A UNet's block structure: used when a partial file cannot show it."""
-
-    levels: int
-    per: int  # input blocks per level: layers_per_block + 1
-    down_attn: tuple[bool, ...]
-    up_attn: tuple[bool, ...]
-
-
-class Family(NamedTuple):
-    """Everything lorabake knows about one model family, as rows."""
-
-    arch: str  # "sd1", "sd2", "sdxl", "sd3", "flux"
-    title: str
-    modelspec: str  # modelspec.architecture of a checkpoint (LoRAs append "/lora")
-    kohya: str  # ss_base_model_version written by kohya sd-scripts
-    metadata_names: tuple[
-        str, ...
-    ]  # prefixes of modelspec.architecture / ss_base_model_version meaning this family
-    diffusion: str  # component name: "unet" | "dit"
-    diffusion_kind: str  # ComponentInfo.kind: "unet" | "mmdit" | "flux"
-    layouts: tuple[Layout, ...]
-    text_encoders: tuple[TextEncoder, ...]
-    # component -> (kohya prefix, naming family) of the stem a kohya trainer writes (extraction names)
-    kohya_names: dict[str, tuple[str, str]]
-    # naming family -> {module template in the checkpoint's native naming: aliases in that family}
-    renames: dict[str, dict[str, tuple[Alias, ...]]]
-    unet_blocks: UnetBlocks | None = None

@@ -1,13 +1,23 @@
 """FLUX.1 (dev/schnell): BFL DiT (double_blocks / single_blocks) + CLIP-L + T5-XXL."""
 
-from lorabake.arch.common import Alias, Family, Layout, Probe, TextEncoder
+from lorabake.arch.common import (
+    DIT_LORA_PREFIXES,
+    Alias,
+    BlockGroup,
+    Family,
+    Layout,
+    Probe,
+    Renames,
+    TextEncoder,
+    Variant,
+)
 
 _D = "transformer_blocks.{n}."
 _S = "single_transformer_blocks.{n}."
 
-# BFL module (checkpoint) -> diffusers FluxTransformer2DModel module. [CU] utils.flux_to_diffusers,
-# diffusers single_file_utils.convert_flux_transformer_checkpoint_to_diffusers. Written by diffusers,
-# ai-toolkit, SimpleTuner (transformer.), OneTrainer (lora_transformer_), DiffSynth (no prefix).
+# BFL module (checkpoint) -> diffusers FluxTransformer2DModel module, as ComfyUI comfy/utils.py
+# flux_to_diffusers and diffusers loaders/single_file_utils.py convert_flux_transformer_checkpoint_to_diffusers.
+# Written by diffusers, ai-toolkit, SimpleTuner (transformer.), OneTrainer (lora_transformer_), DiffSynth (no prefix).
 BFL_TO_DIFFUSERS: dict[str, tuple[Alias, ...]] = {
     "double_blocks.{n}.img_attn.qkv": (
         Alias(_D + "attn.to_q", part="q"),
@@ -54,12 +64,13 @@ BFL_TO_DIFFUSERS: dict[str, tuple[Alias, ...]] = {
     "final_layer.adaLN_modulation.1": (Alias("norm_out.linear", transform="swap_halves"),),
 }
 
-# Extra BFL-style names: [CU] registers linear1_qkv (target of XLabs/USO single-block qkv LoRAs).
+# Extra BFL-style names: ComfyUI comfy/lora.py registers linear1_qkv (target of XLabs/USO single-block qkv LoRAs).
 BFL_EXTRAS: dict[str, tuple[Alias, ...]] = {
     "single_blocks.{n}.linear1": (Alias("single_blocks.{n}.linear1_qkv", part="qkv"),),
 }
 
-# XLabs Flux LoRAs: down/up pairs under a per-block `processor`, no alpha. [DF] xlabs converter.
+# XLabs Flux LoRAs: down/up pairs under a per-block `processor`, no alpha (diffusers
+# loaders/lora_conversion_utils.py _convert_xlabs_flux_lora_to_diffusers).
 XLABS: dict[str, tuple[Alias, ...]] = {
     "double_blocks.{n}.img_attn.qkv": (Alias("double_blocks.{n}.processor.qkv_lora1"),),
     "double_blocks.{n}.txt_attn.qkv": (Alias("double_blocks.{n}.processor.qkv_lora2"),),
@@ -74,6 +85,11 @@ _DIFFUSERS = (
     Probe("single_transformer_blocks.0.proj_mlp.weight"),
     Probe("transformer_blocks.0.attn.add_q_proj.weight"),
 )
+
+# kohya sd-scripts networks/lora_flux.py: every block linear, modulation included.
+_EXTRACT_TARGETS = tuple(
+    f"{s}_{m}.weight" for s in ("img", "txt") for m in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2", "mod.lin")
+) + ("linear1.weight", "linear2.weight", "modulation.lin.weight")
 
 FAMILY = Family(
     arch="flux",
@@ -95,7 +111,7 @@ FAMILY = Family(
             (("text_encoders.clip_l.transformer.", "clip_l"), ("text_encoder.", "clip_l")),
             ("lora_te1_", "lora_te_", "text_encoder.", "text_encoders.clip_l.transformer."),
         ),
-        # T5 is te3 as in [KS] lora_flux.py (lora_te3_); OneTrainer writes lora_te2_ and diffusers calls it
+        # T5 is te3 as in kohya sd-scripts networks/lora_flux.py (lora_te3_); OneTrainer writes lora_te2_ and diffusers calls it
         # text_encoder_2, both accepted here since Flux has no second CLIP.
         TextEncoder(
             "te3",
@@ -104,5 +120,25 @@ FAMILY = Family(
         ),
     ),
     kohya_names={"dit": ("lora_unet_", "bfl"), "te1": ("lora_te1_", "hf"), "te3": ("lora_te3_", "hf")},
-    renames={"diffusers": BFL_TO_DIFFUSERS, "bfl_extra": BFL_EXTRAS, "xlabs": XLABS},
+    renames=(
+        Renames("bfl", "diffusers", modules=BFL_TO_DIFFUSERS, note="BFL checkpoint -> diffusers"),
+        Renames("bfl", "bfl_extra", modules=BFL_EXTRAS, note="ComfyUI's extra BFL names"),
+        Renames("bfl", "xlabs", modules=XLABS, note="XLabs processor LoRAs"),
+    ),
+    lora_prefixes=DIT_LORA_PREFIXES,
+    extract_targets=_EXTRACT_TARGETS,
+    variants=(
+        Variant(
+            "guidance_in.in_layer.weight",
+            present="guidance embedder present (FLUX.1-dev-like)",
+            absent="no guidance embedder (FLUX.1-schnell-like)",
+            naming="bfl",
+        ),
+    ),
+    block_groups=(
+        BlockGroup("double{n}", "double_blocks.{n}."),
+        BlockGroup("single{n}", "single_blocks.{n}."),
+    ),
+    implementation="https://github.com/black-forest-labs/flux",
+    order=50,
 )

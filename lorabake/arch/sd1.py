@@ -1,10 +1,14 @@
 """Stable Diffusion 1.x: LDM UNet + HF CLIP-L."""
 
-from lorabake.arch.common import Family, Layout, Probe, TextEncoder, UnetBlocks
+from lorabake.arch import _sd_unet
+from lorabake.arch.common import UNET_LORA_PREFIXES, Family, Layout, Probe, TextEncoder
 
 # Cross-attention K reads the text encoder's width: 768 (CLIP-L) for SD1, 1024 for SD2, 2048 for SDXL.
 _LDM_TO_K = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 _DIFFUSERS_TO_K = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+BLOCKS = _sd_unet.UnetBlocks(
+    levels=4, per=3, down_attn=(True, True, True, False), up_attn=(False, True, True, True)
+)
 
 FAMILY = Family(
     arch="sd1",
@@ -25,12 +29,18 @@ FAMILY = Family(
             "te1",
             # old files: cond_stage_model.transformer.encoder.* without text_model (keymap adds it)
             (("cond_stage_model.transformer.", "clip_l"), ("text_encoder.", "clip_l")),
-            # [KS] lora_te_; some SD1 LoRAs say lora_te1_ (A1111, CU map both); diffusers; CU generic
+            # kohya lora_te_; some SD1 LoRAs say lora_te1_ (A1111 and ComfyUI map both); diffusers; ComfyUI
             ("lora_te_", "lora_te1_", "text_encoder.", "text_encoders.clip_l.transformer."),
         ),
     ),
     # kohya SD1/SD2 LoRAs name UNet modules by their diffusers path (LoRANetwork on the diffusers UNet)
     kohya_names={"unet": ("lora_unet_", "diffusers"), "te1": ("lora_te_", "hf")},
-    renames={},
-    unet_blocks=UnetBlocks(4, 3, (True, True, True, False), (False, True, True, True)),
+    renames=_sd_unet.unet_renames(BLOCKS),
+    lora_prefixes=UNET_LORA_PREFIXES,
+    extract_targets=_sd_unet.EXTRACT_TARGETS,
+    extract_conv_targets=_sd_unet.EXTRACT_CONV_TARGETS,
+    variants=_sd_unet.VARIANTS,
+    block_groups=_sd_unet.unet_block_groups(BLOCKS),
+    resolution="512x512",
+    order=10,
 )

@@ -1,9 +1,13 @@
 """Stable Diffusion 2.x: SD1's UNet (linear proj_in/out, cross-attn in 1024) + OpenCLIP-H."""
 
-from lorabake.arch.common import Family, Layout, Probe, TextEncoder, UnetBlocks
+from lorabake.arch import _sd_unet
+from lorabake.arch.common import UNET_LORA_PREFIXES, Family, Layout, Probe, TextEncoder
 
 _LDM_TO_K = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 _DIFFUSERS_TO_K = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+BLOCKS = _sd_unet.UnetBlocks(
+    levels=4, per=3, down_attn=(True, True, True, False), up_attn=(False, True, True, True)
+)
 
 FAMILY = Family(
     arch="sd2",
@@ -24,13 +28,20 @@ FAMILY = Family(
             "te1",
             (
                 ("cond_stage_model.model.", "openclip_h"),  # raw OpenCLIP, fused attn.in_proj_weight
-                ("conditioner.embedders.0.model.", "openclip_h"),  # SGM-packed SD2 ([CU] SD20)
+                ("conditioner.embedders.0.model.", "openclip_h"),  # SGM-packed SD2 (ComfyUI loads it)
                 ("text_encoder.", "clip_h"),  # diffusers: HF CLIPTextModel layout
             ),
             ("lora_te_", "lora_te1_", "text_encoder.", "text_encoders.clip_h.transformer."),
         ),
     ),
     kohya_names={"unet": ("lora_unet_", "diffusers"), "te1": ("lora_te_", "hf")},
-    renames={},
-    unet_blocks=UnetBlocks(4, 3, (True, True, True, False), (False, True, True, True)),
+    renames=_sd_unet.unet_renames(BLOCKS),
+    lora_prefixes=UNET_LORA_PREFIXES,
+    extract_targets=_sd_unet.EXTRACT_TARGETS,
+    extract_conv_targets=_sd_unet.EXTRACT_CONV_TARGETS,
+    variants=_sd_unet.VARIANTS,
+    block_groups=_sd_unet.unet_block_groups(BLOCKS),
+    resolution="512x512",
+    order=20,
+    legacy_flags=("ss_v2",),  # old kohya files say ss_v2 = "True"
 )

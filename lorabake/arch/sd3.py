@@ -1,11 +1,20 @@
 """Stable Diffusion 3 / 3.5 (MMDiT) in the ComfyUI single-file layout."""
 
-from lorabake.arch.common import Alias, Family, Layout, Probe, TextEncoder
+from lorabake.arch.common import (
+    DIT_LORA_PREFIXES,
+    Alias,
+    BlockGroup,
+    Family,
+    Layout,
+    Probe,
+    Renames,
+    TextEncoder,
+)
 
 _B = "transformer_blocks.{n}."
 
-# MMDiT module (checkpoint) -> diffusers SD3Transformer2DModel module. [CU] utils.mmdit_to_diffusers,
-# diffusers single_file_utils.convert_sd3_transformer_checkpoint_to_diffusers.
+# MMDiT module (checkpoint) -> diffusers SD3Transformer2DModel module. As ComfyUI comfy/utils.py
+# mmdit_to_diffusers and diffusers loaders/single_file_utils.py convert_sd3_transformer_checkpoint_to_diffusers.
 MMDIT_TO_DIFFUSERS: dict[str, tuple[Alias, ...]] = {
     "joint_blocks.{n}.x_block.attn.qkv": (
         Alias(_B + "attn.to_q", part="q"),
@@ -55,6 +64,13 @@ MMDIT_TO_DIFFUSERS: dict[str, tuple[Alias, ...]] = {
 _QKV = "joint_blocks.0.x_block.attn.qkv.weight"
 _DIFFUSERS = (Probe("transformer_blocks.0.attn.add_q_proj.weight"), Probe("pos_embed.proj.weight"))
 
+# kohya sd-scripts networks/lora_sd3.py: the joint blocks' linears, modulation included.
+_EXTRACT_TARGETS = tuple(
+    f"{b}.{m}.weight"
+    for b in ("x_block", "context_block")
+    for m in ("attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")
+)
+
 FAMILY = Family(
     arch="sd3",
     title="Stable Diffusion 3",
@@ -86,12 +102,19 @@ FAMILY = Family(
             ("lora_te3_", "text_encoder_3.", "text_encoders.t5xxl.transformer."),
         ),
     ),
-    # [KS] lora_sd3.py: lora_unet_ + MMDiT names, te1/te2/te3
+    # kohya sd-scripts networks/lora_sd3.py: lora_unet_ + MMDiT names, te1/te2/te3
     kohya_names={
         "dit": ("lora_unet_", "mmdit"),
         "te1": ("lora_te1_", "hf"),
         "te2": ("lora_te2_", "hf"),
         "te3": ("lora_te3_", "hf"),
     },
-    renames={"diffusers": MMDIT_TO_DIFFUSERS},
+    renames=(
+        Renames("mmdit", "diffusers", modules=MMDIT_TO_DIFFUSERS, note="MMDiT checkpoint -> diffusers"),
+    ),
+    lora_prefixes=DIT_LORA_PREFIXES,
+    extract_targets=_EXTRACT_TARGETS,
+    block_groups=(BlockGroup("joint{n}", "joint_blocks.{n}."),),
+    implementation="https://github.com/Stability-AI/generative-models",
+    order=40,
 )

@@ -1,9 +1,11 @@
 """SDXL base 1.0: SGM layout, UNet with 3 levels (no attention at level 0) + CLIP-L + OpenCLIP-G."""
 
-from lorabake.arch.common import Family, Layout, Probe, TextEncoder, UnetBlocks
+from lorabake.arch import _sd_unet
+from lorabake.arch.common import UNET_LORA_PREFIXES, Family, Layout, Probe, TextEncoder
 
 _SGM_TO_K = "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
 _DIFFUSERS_TO_K = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+BLOCKS = _sd_unet.UnetBlocks(levels=3, per=3, down_attn=(False, True, True), up_attn=(True, True, False))
 
 FAMILY = Family(
     arch="sdxl",
@@ -34,6 +36,12 @@ FAMILY = Family(
     ),
     # kohya SDXL trains on its own SGM-named UNet, so its LoRA names are the checkpoint's
     kohya_names={"unet": ("lora_unet_", "ldm"), "te1": ("lora_te1_", "hf"), "te2": ("lora_te2_", "hf")},
-    renames={},
-    unet_blocks=UnetBlocks(3, 3, (False, True, True), (True, True, False)),
+    renames=_sd_unet.unet_renames(BLOCKS),
+    lora_prefixes=UNET_LORA_PREFIXES,
+    extract_targets=_sd_unet.EXTRACT_TARGETS,
+    extract_conv_targets=_sd_unet.EXTRACT_CONV_TARGETS,
+    variants=_sd_unet.VARIANTS,
+    block_groups=_sd_unet.unet_block_groups(BLOCKS),
+    implementation="https://github.com/Stability-AI/generative-models",
+    order=30,
 )
