@@ -11,6 +11,9 @@ import pytest
 import lorabake.arch as arch
 from lorabake.arch import FAMILIES, TEXT_ENCODER_KINDS
 from lorabake.arch.common import Family
+from lorabake.detect import detect_checkpoint
+from lorabake.lora_base import structure_rows, virtual_checkpoint
+from tests.archfix import arch_tensors
 from tests.test_keymap import U, keymap
 
 
@@ -83,3 +86,46 @@ def test_every_target_has_a_rule():
         assert km.rules.keys() == km.targets.keys()
     assert keymap("sdxl").rules["lora_unet_input_blocks_4_1_proj_in"].row == ""  # kohya SDXL: own SGM name
     assert keymap("sdxl").targets["lora_unet_input_blocks_4_1_proj_in"].key == U + "input_blocks.4.1.proj_in.weight"
+
+
+# --- declared structures: the virtual checkpoints a LoRA alone is matched against ------------------------
+
+ROOT = "model.diffusion_model."
+
+
+def _real(arch_id: str, component: str, root: str) -> dict[str, tuple[int, ...]]:
+    return {
+        k[len(root) :]: tuple(v["shape"])
+        for k, v in arch_tensors(arch_id).items()
+        if v["component"] == component and k.startswith(root) and not k.endswith("bias") and "float" in v["dtype"]
+    }
+
+
+@pytest.mark.parametrize("family, variant, keylist", [("sd1", 0, "sd1"), ("sdxl", 0, "sdxl"), ("sd3", 0, "sd3"),
+                                                       ("flux", 0, "flux")])
+def test_declared_structure_is_the_real_key_list(family, variant, keylist):
+    declared = dict(structure_rows(FAMILIES[family].structures[variant]))
+    assert declared == _real(keylist, "diffuser", ROOT)
+
+
+@pytest.mark.parametrize("kind, keylist, component, root", [
+    ("clip_l", "sd1", "clip_l", "cond_stage_model.transformer."),
+    ("openclip_g", "sdxl", "clip_g", "conditioner.embedders.1.model."),
+    ("clip_g", "sd3", "clip_g", "text_encoders.clip_g.transformer."),
+    ("t5xxl", "sd3", "t5xxl", "text_encoders.t5xxl.transformer."),
+])
+def test_text_encoder_structure_is_the_real_key_list(kind, keylist, component, root):
+    declared = dict(structure_rows(TEXT_ENCODER_KINDS[kind].structure))
+    real = _real(keylist, component, root)
+    real.pop("logit_scale", None)  # OpenCLIP's scalar: no module
+    assert declared == real
+
+
+@pytest.mark.parametrize("family", list(FAMILIES.values()), ids=list(FAMILIES))
+def test_virtual_checkpoint_is_detected_as_its_family(family: Family):
+    assert family.structures
+    for variant in range(len(family.structures)):
+        header = virtual_checkpoint(family, variant)
+        got = detect_checkpoint(header)
+        assert (got.arch, got.layout) == (family.arch, family.layouts[0].layout)
+        assert {te.component for te in family.text_encoders} <= set(got.components)

@@ -22,6 +22,17 @@ class UnetBlocks(NamedTuple):
     up_attn: tuple[bool, ...]
 
 
+class UnetShape(NamedTuple):
+    """The sizes of an SD UNet, as its diffusers config gives them: enough to list every weight."""
+
+    channels: tuple[int, ...]  # block_out_channels, one per level
+    depth: tuple[int, ...]  # transformer layers per attention block, per level (middle: the last level's)
+    context: int  # cross_attention_dim (the text encoder's width)
+    linear_proj: bool  # proj_in/proj_out as Linear (SD2, SDXL) rather than 1x1 conv (SD1)
+    label_in: int | None = None  # SDXL's size/crop conditioning input width (label_emb)
+    in_channels: int = 4
+
+
 # LDM ResBlock sub-module -> diffusers ResnetBlock2D sub-module.
 RESNET_RENAMES: dict[str, str] = {
     "in_layers.0": "norm1",
@@ -115,6 +126,71 @@ def unet_renames(blocks: UnetBlocks) -> tuple[Renames, ...]:
             "diffusers", "attnproc", tails=ATTN_PROCESSOR, note="old diffusers attention-processor LoRAs"
         ),
     )
+
+
+def structure(blocks: UnetBlocks, shape: UnetShape) -> str:
+    """Every weight of the UNet under LDM names, one `<key> <shape>` row each (a family's `structure`).
+
+    The skip widths follow the LDM UNet: each output resnet reads its level's channels plus the
+    channels of the input block it mirrors (popped from the end of the input stack).
+    """
+    c0, emb = shape.channels[0], 4 * shape.channels[0]
+    rows = [f"time_embed.0.weight {emb}x{c0}", f"time_embed.2.weight {emb}x{emb}"]
+    if shape.label_in:
+        rows += [f"label_emb.0.0.weight {emb}x{shape.label_in}", f"label_emb.0.2.weight {emb}x{emb}"]
+    rows.append(f"input_blocks.0.0.weight {c0}x{shape.in_channels}x3x3")
+    stack, ch = [c0], c0
+    for i, out in enumerate(shape.channels):
+        for j in range(blocks.per - 1):
+            n = 1 + blocks.per * i + j
+            rows += _resnet(f"input_blocks.{n}.0", ch, out, emb)
+            ch = out
+            if blocks.down_attn[i]:
+                rows += _attention(f"input_blocks.{n}.1", ch, shape.depth[i], shape)
+            stack.append(ch)
+        if i < blocks.levels - 1:
+            rows.append(f"input_blocks.{blocks.per * (i + 1)}.0.op.weight {ch}x{ch}x3x3")
+            stack.append(ch)
+    rows += _resnet("middle_block.0", ch, ch, emb)
+    rows += _attention("middle_block.1", ch, shape.depth[-1], shape)
+    rows += _resnet("middle_block.2", ch, ch, emb)
+    for i, out in enumerate(reversed(shape.channels)):
+        level = blocks.levels - 1 - i
+        for j in range(blocks.per):
+            n = blocks.per * i + j
+            rows += _resnet(f"output_blocks.{n}.0", ch + stack.pop(), out, emb)
+            ch = out
+            if blocks.up_attn[i]:
+                rows += _attention(f"output_blocks.{n}.1", ch, shape.depth[level], shape)
+        if i < blocks.levels - 1:
+            n = blocks.per * i + blocks.per - 1
+            rows.append(f"output_blocks.{n}.{2 if blocks.up_attn[i] else 1}.conv.weight {ch}x{ch}x3x3")
+    rows += [f"out.0.weight {c0}", f"out.2.weight {shape.in_channels}x{c0}x3x3"]
+    return "\n".join(rows)
+
+
+def _resnet(at: str, ch_in: int, ch: int, emb: int) -> list[str]:
+    rows = [
+        f"{at}.in_layers.0.weight {ch_in}",
+        f"{at}.in_layers.2.weight {ch}x{ch_in}x3x3",
+        f"{at}.emb_layers.1.weight {ch}x{emb}",
+        f"{at}.out_layers.0.weight {ch}",
+        f"{at}.out_layers.3.weight {ch}x{ch}x3x3",
+    ]
+    return rows + ([f"{at}.skip_connection.weight {ch}x{ch_in}x1x1"] if ch_in != ch else [])
+
+
+def _attention(at: str, ch: int, depth: int, shape: UnetShape) -> list[str]:
+    proj = f"{ch}x{ch}" if shape.linear_proj else f"{ch}x{ch}x1x1"
+    rows = [f"{at}.norm.weight {ch}", f"{at}.proj_in.weight {proj}", f"{at}.proj_out.weight {proj}"]
+    for d in range(depth):
+        t = f"{at}.transformer_blocks.{d}"
+        for attn, kv in (("attn1", ch), ("attn2", shape.context)):
+            rows += [f"{t}.{attn}.to_q.weight {ch}x{ch}", f"{t}.{attn}.to_k.weight {ch}x{kv}"]
+            rows += [f"{t}.{attn}.to_v.weight {ch}x{kv}", f"{t}.{attn}.to_out.0.weight {ch}x{ch}"]
+        rows += [f"{t}.ff.net.0.proj.weight {8 * ch}x{ch}", f"{t}.ff.net.2.weight {ch}x{4 * ch}"]
+        rows += [f"{t}.norm{k}.weight {ch}" for k in (1, 2, 3)]
+    return rows
 
 
 def unet_block_groups(blocks: UnetBlocks) -> tuple[BlockGroup, ...]:

@@ -39,11 +39,71 @@ _T5_TARGETS = tuple(f"SelfAttention.{p}.weight" for p in "qkvo") + tuple(
     f"DenseReluDense.{p}.weight" for p in ("wi", "wi_0", "wi_1", "wo")
 )
 
+
+def hf_clip(layers: int, width: int, *, projection: bool = False) -> str:
+    """The weights of a transformers CLIPTextModel (…WithProjection) as `structure` rows."""
+    ff, last = 4 * width, layers - 1
+    layer = f"text_model.encoder.layers.{{0-{last}}}."
+    rows = [
+        f"text_model.embeddings.position_embedding.weight 77x{width}",
+        f"text_model.embeddings.token_embedding.weight 49408x{width}",
+        *(
+            f"{layer}{p}_proj.weight {width}x{width}"
+            for p in ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.out")
+        ),
+        f"{layer}mlp.fc1.weight {ff}x{width}",
+        f"{layer}mlp.fc2.weight {width}x{ff}",
+        f"{layer}layer_norm1.weight {width}",
+        f"{layer}layer_norm2.weight {width}",
+        f"text_model.final_layer_norm.weight {width}",
+    ]
+    return "\n".join(rows + ([f"text_projection.weight {width}x{width}"] if projection else []))
+
+
+def open_clip(layers: int, width: int) -> str:
+    """The weights of a raw OpenCLIP text transformer as `structure` rows."""
+    ff, block = 4 * width, f"transformer.resblocks.{{0-{layers - 1}}}."
+    return "\n".join(
+        (
+            f"positional_embedding 77x{width}",
+            f"token_embedding.weight 49408x{width}",
+            f"{block}attn.in_proj_weight {3 * width}x{width}",
+            f"{block}attn.out_proj.weight {width}x{width}",
+            f"{block}mlp.c_fc.weight {ff}x{width}",
+            f"{block}mlp.c_proj.weight {width}x{ff}",
+            f"{block}ln_1.weight {width}",
+            f"{block}ln_2.weight {width}",
+            f"ln_final.weight {width}",
+            f"text_projection {width}x{width}",
+        )
+    )
+
+
+# T5 v1.1 XXL encoder (gated-GELU feed-forward), as the SD3 and Flux single files store it.
+_T5XXL = """\
+encoder.block.{0-23}.layer.0.SelfAttention.q.weight 4096x4096
+encoder.block.{0-23}.layer.0.SelfAttention.k.weight 4096x4096
+encoder.block.{0-23}.layer.0.SelfAttention.v.weight 4096x4096
+encoder.block.{0-23}.layer.0.SelfAttention.o.weight 4096x4096
+encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight 32x64
+encoder.block.{0-23}.layer.{0,1}.layer_norm.weight 4096
+encoder.block.{0-23}.layer.1.DenseReluDense.wi_0.weight 10240x4096
+encoder.block.{0-23}.layer.1.DenseReluDense.wi_1.weight 10240x4096
+encoder.block.{0-23}.layer.1.DenseReluDense.wo.weight 4096x10240
+encoder.final_layer_norm.weight 4096
+shared.weight 32128x4096"""
+
 TEXT_ENCODER_KINDS: dict[str, TextEncoderKind] = {
-    "clip_l": TextEncoderKind("hf", (), _HF_CLIP_TARGETS, clip=True),
-    "clip_h": TextEncoderKind("hf", (), _HF_CLIP_TARGETS, clip=True),
-    "clip_g": TextEncoderKind("hf", (), _HF_CLIP_TARGETS, clip=True),
-    "openclip_h": TextEncoderKind("openclip", _OPENCLIP, _OPENCLIP_TARGETS, clip=True),
-    "openclip_g": TextEncoderKind("openclip", _OPENCLIP, _OPENCLIP_TARGETS, clip=True),
-    "t5xxl": TextEncoderKind("hf", (), _T5_TARGETS),
+    "clip_l": TextEncoderKind("hf", (), _HF_CLIP_TARGETS, clip=True, structure=hf_clip(12, 768)),
+    "clip_h": TextEncoderKind("hf", (), _HF_CLIP_TARGETS, clip=True, structure=hf_clip(24, 1024)),
+    "clip_g": TextEncoderKind(
+        "hf", (), _HF_CLIP_TARGETS, clip=True, structure=hf_clip(32, 1280, projection=True)
+    ),
+    "openclip_h": TextEncoderKind(
+        "openclip", _OPENCLIP, _OPENCLIP_TARGETS, clip=True, structure=open_clip(24, 1024)
+    ),
+    "openclip_g": TextEncoderKind(
+        "openclip", _OPENCLIP, _OPENCLIP_TARGETS, clip=True, structure=open_clip(32, 1280)
+    ),
+    "t5xxl": TextEncoderKind("hf", (), _T5_TARGETS, structure=_T5XXL),
 }

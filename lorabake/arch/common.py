@@ -45,6 +45,7 @@ class TextEncoderKind(NamedTuple):
     renames: tuple[Renames, ...]
     extract_targets: tuple[str, ...]  # module suffixes (parameter included)
     clip: bool = False  # a CLIP text model: gets the `text_model.`-less spellings (see keymap)
+    structure: str = ""  # its weights under its root, as `structure` rows (see Family.structure)
 
 
 class Alias(NamedTuple):
@@ -132,6 +133,11 @@ class Family(NamedTuple):
     # a kohya metadata key whose value "True" names this family (old kohya SD2 files: ss_v2)
     legacy_flags: tuple[str, ...] = ()
     text_encoder_kinds: Mapping[str, TextEncoderKind] = {}  # kinds only this family uses
+    # Every weight of the diffusion model under its first layout's prefix, one `<key> <shape>` row each;
+    # {a-b} / {a,b} in a key stand for the numbers it takes; one string per variant (sizes differ).
+    # With the text encoders' kinds each makes a virtual checkpoint, so a LoRA alone is matched
+    # against the family's rule table (scripts/family_structure.py prints the rows from a key list).
+    structures: tuple[str, ...] = ()
 
 
 # Row ranges of fused weights in units of H (= the weight's in-features): [start, end), None = to the end.

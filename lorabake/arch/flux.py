@@ -80,6 +80,38 @@ XLABS: dict[str, tuple[Alias, ...]] = {
     "single_blocks.{n}.linear2": (Alias("single_blocks.{n}.processor.proj_lora"),),
 }
 
+# FLUX.1-dev: 19 double blocks, 38 single blocks, width 3072 (schnell lacks guidance_in).
+_DEV = """\
+double_blocks.{0-18}.img_attn.norm.key_norm.scale 128
+double_blocks.{0-18}.img_attn.norm.query_norm.scale 128
+double_blocks.{0-18}.img_attn.proj.weight 3072x3072
+double_blocks.{0-18}.img_attn.qkv.weight 9216x3072
+double_blocks.{0-18}.img_mlp.0.weight 12288x3072
+double_blocks.{0-18}.img_mlp.2.weight 3072x12288
+double_blocks.{0-18}.img_mod.lin.weight 18432x3072
+double_blocks.{0-18}.txt_attn.norm.key_norm.scale 128
+double_blocks.{0-18}.txt_attn.norm.query_norm.scale 128
+double_blocks.{0-18}.txt_attn.proj.weight 3072x3072
+double_blocks.{0-18}.txt_attn.qkv.weight 9216x3072
+double_blocks.{0-18}.txt_mlp.0.weight 12288x3072
+double_blocks.{0-18}.txt_mlp.2.weight 3072x12288
+double_blocks.{0-18}.txt_mod.lin.weight 18432x3072
+final_layer.adaLN_modulation.1.weight 6144x3072
+final_layer.linear.weight 64x3072
+guidance_in.in_layer.weight 3072x256
+guidance_in.out_layer.weight 3072x3072
+img_in.weight 3072x64
+single_blocks.{0-37}.linear1.weight 21504x3072
+single_blocks.{0-37}.linear2.weight 3072x15360
+single_blocks.{0-37}.modulation.lin.weight 9216x3072
+single_blocks.{0-37}.norm.key_norm.scale 128
+single_blocks.{0-37}.norm.query_norm.scale 128
+time_in.in_layer.weight 3072x256
+time_in.out_layer.weight 3072x3072
+txt_in.weight 3072x4096
+vector_in.in_layer.weight 3072x768
+vector_in.out_layer.weight 3072x3072"""
+
 _QKV = "double_blocks.0.img_attn.qkv.weight"
 _DIFFUSERS = (
     Probe("single_transformer_blocks.0.proj_mlp.weight"),
@@ -141,4 +173,5 @@ FAMILY = Family(
     ),
     implementation="https://github.com/black-forest-labs/flux",
     order=50,
+    structures=(_DEV,),
 )

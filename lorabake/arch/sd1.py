@@ -9,6 +9,9 @@ _DIFFUSERS_TO_K = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.we
 BLOCKS = _sd_unet.UnetBlocks(
     levels=4, per=3, down_attn=(True, True, True, False), up_attn=(False, True, True, True)
 )
+SHAPE = _sd_unet.UnetShape(
+    channels=(320, 640, 1280, 1280), depth=(1, 1, 1, 1), context=768, linear_proj=False
+)
 
 FAMILY = Family(
     arch="sd1",
@@ -43,4 +46,5 @@ FAMILY = Family(
     block_groups=_sd_unet.unet_block_groups(BLOCKS),
     resolution="512x512",
     order=10,
+    structures=(_sd_unet.structure(BLOCKS, SHAPE),),
 )

@@ -8,6 +8,9 @@ _DIFFUSERS_TO_K = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.we
 BLOCKS = _sd_unet.UnetBlocks(
     levels=4, per=3, down_attn=(True, True, True, False), up_attn=(False, True, True, True)
 )
+SHAPE = _sd_unet.UnetShape(
+    channels=(320, 640, 1280, 1280), depth=(1, 1, 1, 1), context=1024, linear_proj=True
+)
 
 FAMILY = Family(
     arch="sd2",
@@ -43,5 +46,6 @@ FAMILY = Family(
     block_groups=_sd_unet.unet_block_groups(BLOCKS),
     resolution="512x512",
     order=20,
+    structures=(_sd_unet.structure(BLOCKS, SHAPE),),
     legacy_flags=("ss_v2",),  # old kohya files say ss_v2 = "True"
 )

@@ -61,6 +61,53 @@ MMDIT_TO_DIFFUSERS: dict[str, tuple[Alias, ...]] = {
     "final_layer.adaLN_modulation.1": (Alias("norm_out.linear", transform="swap_halves"),),
 }
 
+# SD3 medium (24 joint blocks, width 1536; the last context block only modulates: 2·1536 rows).
+_MEDIUM = """\
+context_embedder.weight 1536x4096
+final_layer.adaLN_modulation.1.weight 3072x1536
+final_layer.linear.weight 64x1536
+joint_blocks.{0-22}.context_block.adaLN_modulation.1.weight 9216x1536
+joint_blocks.{0-22}.context_block.attn.proj.weight 1536x1536
+joint_blocks.{0-23}.context_block.attn.qkv.weight 4608x1536
+joint_blocks.{0-22}.context_block.mlp.fc1.weight 6144x1536
+joint_blocks.{0-22}.context_block.mlp.fc2.weight 1536x6144
+joint_blocks.{0-23}.x_block.adaLN_modulation.1.weight 9216x1536
+joint_blocks.{0-23}.x_block.attn.proj.weight 1536x1536
+joint_blocks.{0-23}.x_block.attn.qkv.weight 4608x1536
+joint_blocks.{0-23}.x_block.mlp.fc1.weight 6144x1536
+joint_blocks.{0-23}.x_block.mlp.fc2.weight 1536x6144
+joint_blocks.23.context_block.adaLN_modulation.1.weight 3072x1536
+pos_embed 1x36864x1536
+t_embedder.mlp.0.weight 1536x256
+t_embedder.mlp.2.weight 1536x1536
+x_embedder.proj.weight 1536x16x2x2
+y_embedder.mlp.0.weight 1536x2048
+y_embedder.mlp.2.weight 1536x1536"""
+
+# SD3.5 large: 38 joint blocks, width 2432, q/k RMSNorms.
+_LARGE = """\
+context_embedder.weight 2432x4096
+final_layer.adaLN_modulation.1.weight 4864x2432
+final_layer.linear.weight 64x2432
+joint_blocks.{0-36}.context_block.adaLN_modulation.1.weight 14592x2432
+joint_blocks.{0-36}.context_block.attn.proj.weight 2432x2432
+joint_blocks.{0-37}.context_block.attn.qkv.weight 7296x2432
+joint_blocks.{0-36}.context_block.mlp.fc1.weight 9728x2432
+joint_blocks.{0-36}.context_block.mlp.fc2.weight 2432x9728
+joint_blocks.{0-37}.x_block.adaLN_modulation.1.weight 14592x2432
+joint_blocks.{0-37}.x_block.attn.proj.weight 2432x2432
+joint_blocks.{0-37}.x_block.attn.qkv.weight 7296x2432
+joint_blocks.{0-37}.x_block.mlp.fc1.weight 9728x2432
+joint_blocks.{0-37}.x_block.mlp.fc2.weight 2432x9728
+joint_blocks.{0-37}.{x_block,context_block}.attn.ln_{q,k}.weight 64
+joint_blocks.37.context_block.adaLN_modulation.1.weight 4864x2432
+pos_embed 1x36864x2432
+t_embedder.mlp.0.weight 2432x256
+t_embedder.mlp.2.weight 2432x2432
+x_embedder.proj.weight 2432x16x2x2
+y_embedder.mlp.0.weight 2432x2048
+y_embedder.mlp.2.weight 2432x2432"""
+
 _QKV = "joint_blocks.0.x_block.attn.qkv.weight"
 _DIFFUSERS = (Probe("transformer_blocks.0.attn.add_q_proj.weight"), Probe("pos_embed.proj.weight"))
 
@@ -117,4 +164,5 @@ FAMILY = Family(
     block_groups=(BlockGroup("joint{n}", "joint_blocks.{n}."),),
     implementation="https://github.com/Stability-AI/generative-models",
     order=40,
+    structures=(_MEDIUM, _LARGE),
 )

@@ -6,6 +6,9 @@ from lorabake.arch.common import UNET_LORA_PREFIXES, Family, Layout, Probe, Text
 _SGM_TO_K = "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
 _DIFFUSERS_TO_K = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
 BLOCKS = _sd_unet.UnetBlocks(levels=3, per=3, down_attn=(False, True, True), up_attn=(True, True, False))
+SHAPE = _sd_unet.UnetShape(
+    channels=(320, 640, 1280), depth=(0, 2, 10), context=2048, linear_proj=True, label_in=2816
+)
 
 FAMILY = Family(
     arch="sdxl",
@@ -44,4 +47,5 @@ FAMILY = Family(
     block_groups=_sd_unet.unet_block_groups(BLOCKS),
     implementation="https://github.com/Stability-AI/generative-models",
     order=30,
+    structures=(_sd_unet.structure(BLOCKS, SHAPE),),
 )
