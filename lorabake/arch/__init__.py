@@ -9,7 +9,10 @@ How to add a family (say `lorabake/arch/myfam.py`):
    with probe tensors and the sizes that tell it from look-alikes; its `text_encoders` (roots per
    layout, kind, LoRA prefixes); `renames` tables from the checkpoint's naming to diffusers'/trainers'
    (a comment on each row that is not obvious; fused targets as `Alias(part=...)` bands);
-   `lora_prefixes`; `kohya_names`; `extract_targets`; `variants` (notes); `block_groups`.
+   `lora_prefixes`; `kohya_names`; `extract_targets`; `variants` (notes); `block_groups`; and
+   `structures`, every weight of the diffusion model as `<key> <shape>` rows (scripts/family_structure.py
+   prints them from a key list), from which `lorabake.lora_base` builds a virtual checkpoint to match
+   a LoRA alone against. A text encoder kind no family has yet goes in `text_encoder_kinds`.
 2. Add its key list to `tests/data/arch/` (real names, real shapes) and rows to the tests: a
    detection row, rule-table rows (LoRA stem -> base key) per trainer spelling, and a cross-check
    against diffusers' converter or `fuse_lora` where one exists.
