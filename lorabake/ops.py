@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lorabake import __version__, delta, devices, dtypes, rounding
+from lorabake import __version__, bake_kernel, delta, devices, dtypes, rounding
 from lorabake.errors import InputError, LoraFormatError, MatchError, UsageError
 from lorabake.plan import BIAS_PARTS, LoraSpec, MergePlan, PlannedPatch, plan_merge
 from lorabake.st_reader import SafetensorsReader, check_input_path, to_tensor
@@ -221,22 +221,24 @@ class _Baker:
             return self._scaled_pair(name, buf)
         patches = self.plan.patches.get(name)
         if patches:
-            w32 = to_tensor(buf, info).to(device=self.device, dtype=torch.float32)
-            out = self._bake(name, w32, patches, tag)
-            return out
+            return self._bake(name, buf, patches, tag)
         if tag != info.dtype:
-            t = to_tensor(buf, info).to(device=self.device, dtype=torch.float32)
             self.result.tensors_cast += 1
-            return rounding.cast_to(t, tag, mode=self.opts.rounding, seed_key=name).cpu()
+            return self._bake(name, buf, [], tag)
         return buf
 
-    def _bake(self, name: str, w32: torch.Tensor, patches: list[PlannedPatch], tag: str) -> torch.Tensor:
-        # w32 is needed after the patch (lost-delta report), so the patch works on its own copy
-        new32 = delta.apply_patches(w32, [_math_patch(self.plan, p, self.device) for p in patches])
-        out = rounding.cast_to(new32, tag, mode=self.opts.rounding, seed_key=name)
-        self.result.lost[name] = rounding.lost_fraction(w32, new32, out)
-        self.result.tensors_changed += 1
-        return out.cpu()
+    def codec(self, name: str, buf: bytearray | memoryview, tag: str) -> bake_kernel.Codec:
+        """The stored tensor as fp32 rows, encoded back as `tag`: the one place a storage format plugs in."""
+        stored = to_tensor(buf, self.plan.base.tensors[name]).to(self.device)
+        return bake_kernel.FloatRows(stored, dtypes.torch_dtype(tag), rounding_mode=self.opts.rounding, seed_key=name)
+
+    def _bake(self, name: str, buf: bytearray | memoryview, patches: list[PlannedPatch], tag: str) -> torch.Tensor:
+        codec = self.codec(name, buf, tag)
+        lost = bake_kernel.bake_tensor(codec, [_math_patch(self.plan, p, self.device) for p in patches], device=self.device)
+        if patches:
+            self.result.lost[name] = lost
+            self.result.tensors_changed += 1
+        return codec.result().cpu()
 
     def _scaled_pair(self, name: str, buf: bytearray) -> torch.Tensor:
         """Dequantise codes·scale, patch, re-quantise with a recomputed scale; hold the partner."""

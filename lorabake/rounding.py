@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import torch
@@ -44,11 +45,13 @@ def _finite_max(dt: torch.dtype) -> float:
     return float(torch.finfo(dt).max)
 
 
+@functools.cache
 def _mantissa_bits(dt: torch.dtype) -> int:
     # finfo.eps = 2^-mantissa_bits for every IEEE-like float torch has, fp8 included.
     return round(-torch.log2(torch.tensor(torch.finfo(dt).eps, dtype=torch.float64)).item())
 
 
+@functools.cache
 def _min_normal_exp(dt: torch.dtype) -> int:
     return round(torch.log2(torch.tensor(torch.finfo(dt).smallest_normal, dtype=torch.float64)).item())
 
@@ -77,42 +80,84 @@ def cast_to(x32: Tensor, tag: str, *, mode: str = "nearest", seed_key: str | Non
 
 
 def _stochastic(x: Tensor, dt: torch.dtype, seed: int) -> Tensor:
-    """Round each value down or up to a grid neighbour in `dt`, P(up) = (x − lower) / spacing.
-
-    On the fp32 bit pattern, `dt` keeps the top `mbits` of fp32's 23 mantissa bits; adding a
-    uniform random integer below 2^(23 − mbits) to the pattern and truncating those bits is
-    exactly stochastic rounding (a carry moves into the exponent as it should). Below `dt`'s
-    smallest normal the grid spacing stops shrinking, so those values are first lifted by
-    2^emin into the binade where fp32's truncation matches that spacing, then lowered back.
-    Unbiased to within 2^-(23 − mbits) of an ulp; integer and power-of-two steps only, so every
-    device produces the same bits from the same CPU-drawn noise.
-    """
-    mbits = _mantissa_bits(dt)
-    drop = 23 - mbits
-    lift = 2.0 ** _min_normal_exp(dt)
-    big = _finite_max(dt)
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(seed)
+    """Stochastic rounding of a whole tensor: `round_stochastic` over `NoiseStream` chunks."""
     flat = x.reshape(-1).to(torch.float32)  # fp64 input: the noise resolution is fp32's anyway
     out = torch.empty(flat.shape, dtype=dt, device=x.device)
-    keep_mask = -(1 << drop)  # ...1110000 in two's complement: clears the dropped bits
+    noise = NoiseStream(seed, flat.numel(), dt)
     for start in range(0, flat.numel(), _CHUNK):
         v = flat[start : start + _CHUNK]
-        noise = torch.randint(0, 1 << drop, (v.numel(),), generator=gen, dtype=torch.int32).to(x.device)
-        a = v.abs()
-        small = a < lift
-        any_small = bool(small.any())
-        if any_small:
-            a = torch.where(small, a + lift, a)
-        r = ((a.view(torch.int32) + noise) & keep_mask).view(torch.float32)
-        if any_small:
-            r = torch.where(small, r - lift, r)
-        r = torch.where(a > big, a, r.clamp(max=big))  # beyond the finite range: .to() decides
-        r = torch.copysign(r, v)
-        if not bool(torch.isfinite(v).all()):
-            r = torch.where(torch.isfinite(v), r, v)
-        out[start : start + _CHUNK] = r.to(dt)
+        out[start : start + _CHUNK] = round_stochastic(v, noise.take(start, v.numel(), device=x.device), dt)
     return out.reshape(x.shape)
+
+
+class NoiseStream:
+    """The random integers of one tensor's stochastic rounding, element by element in flat order.
+
+    Drawn from the CPU generator in fixed `_CHUNK`-sized draws (the seed contract), so a caller
+    rounding the tensor block by block in increasing order gets exactly the noise a whole-tensor
+    `cast_to` would use. Only the current draw is kept (16 MiB at most).
+    """
+
+    def __init__(self, seed: int, numel: int, dt: torch.dtype) -> None:
+        self.numel = numel
+        self.high = 1 << (23 - _mantissa_bits(dt))
+        self.gen = torch.Generator(device="cpu")
+        self.gen.manual_seed(seed)
+        self.index = -1
+        self.chunk: Tensor | None = None
+
+    def _draw(self, index: int) -> Tensor:
+        while self.index < index:
+            self.index += 1
+            size = min(_CHUNK, self.numel - self.index * _CHUNK)
+            self.chunk = torch.randint(0, self.high, (size,), generator=self.gen, dtype=torch.int32)
+        if self.index != index:
+            raise ValueError("NoiseStream is read in increasing order only")
+        return self.chunk
+
+    def take(self, start: int, n: int, *, device: torch.device | None = None) -> Tensor:
+        """Noise for elements [start, start + n), in increasing `start` order."""
+        pieces = []
+        pos, stop = start, start + n
+        while pos < stop:
+            index = pos // _CHUNK
+            chunk = self._draw(index)
+            lo = pos - index * _CHUNK
+            hi = min(stop - index * _CHUNK, chunk.numel())
+            pieces.append(chunk[lo:hi])
+            pos = index * _CHUNK + hi
+        noise = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return noise.to(device) if device is not None else noise
+
+
+def round_stochastic(v: Tensor, noise: Tensor, dt: torch.dtype) -> Tensor:
+    """fp32 values `v` rounded down or up to a grid neighbour in `dt`, P(up) = (v − lower) / spacing.
+
+    On the fp32 bit pattern, `dt` keeps the top `mbits` of fp32's 23 mantissa bits; adding a
+    uniform random integer below 2^(23 − mbits) (`noise`, one per value) to the pattern and
+    truncating those bits is exactly stochastic rounding (a carry moves into the exponent as it
+    should). Below `dt`'s smallest normal the grid spacing stops shrinking, so those values are
+    first lifted by 2^emin into the binade where fp32's truncation matches that spacing, then
+    lowered back. Unbiased to within 2^-(23 − mbits) of an ulp; integer and power-of-two steps
+    only, so every device produces the same bits from the same CPU-drawn noise.
+    """
+    drop = 23 - _mantissa_bits(dt)
+    lift = 2.0 ** _min_normal_exp(dt)
+    big = _finite_max(dt)
+    keep_mask = -(1 << drop)  # ...1110000 in two's complement: clears the dropped bits
+    a = v.abs()
+    small = a < lift
+    any_small = bool(small.any())
+    if any_small:
+        a = torch.where(small, a + lift, a)
+    r = ((a.view(torch.int32) + noise) & keep_mask).view(torch.float32)
+    if any_small:
+        r = torch.where(small, r - lift, r)
+    r = torch.where(a > big, a, r.clamp(max=big))  # beyond the finite range: .to() decides
+    r = torch.copysign(r, v)
+    if not bool(torch.isfinite(v).all()):
+        r = torch.where(torch.isfinite(v), r, v)
+    return r.to(dt)
 
 
 def lost_fraction(base32: Tensor, new32: Tensor, cast: Tensor, *, base_cast: Tensor | None = None) -> float:
@@ -157,6 +202,45 @@ def lost_fraction(base32: Tensor, new32: Tensor, cast: Tensor, *, base_cast: Ten
         dot += float(torch.dot(intended, realised))
         norm2 += float(torch.dot(intended, intended))
     return 0.0 if norm2 == 0.0 else 1.0 - dot / norm2
+
+
+class LostDelta:
+    """`lost_fraction` accumulated block by block: feed (intended, realised) pairs, read `fraction`.
+
+    Sums stay on the blocks' device until read, so a GPU bake never waits on them per block.
+    """
+
+    def __init__(self) -> None:
+        self._sums: Tensor | None = None
+
+    def add(self, intended: Tensor, realised: Tensor) -> None:
+        i, r = intended.reshape(-1), realised.reshape(-1)
+        pair = torch.stack((torch.dot(i, r), torch.dot(i, i))).to(torch.float64)
+        self._sums = pair if self._sums is None else self._sums.add_(pair)
+
+    @property
+    def fraction(self) -> float:
+        if self._sums is None:
+            return 0.0
+        dot, norm2 = (float(v) for v in self._sums.cpu())
+        return 0.0 if norm2 == 0.0 else 1.0 - dot / norm2
+
+
+def cast_into(dst: Tensor, x32: Tensor, *, noise: Tensor | None = None) -> None:
+    """Store fp32 `x32` into `dst` (any float dtype): nearest, or stochastic with `noise`.
+
+    The block form of `cast_to`: fp8 values saturate (x32 is clamped in place), and the noise of
+    a `NoiseStream` gives exactly the bits `cast_to(mode="stochastic")` gives for the same values.
+    """
+    dt = dst.dtype
+    narrowing = torch.finfo(dt).bits < 32
+    if dt in (torch.float8_e4m3fn, torch.float8_e5m2):
+        big = _finite_max(dt)
+        x32.clamp_(-big, big)
+    if noise is not None and narrowing:
+        dst.copy_(round_stochastic(x32.reshape(-1), noise, dt).reshape(dst.shape))
+    else:
+        dst.copy_(x32)
 
 
 def relative_error(base32: Tensor, new32: Tensor, cast: Tensor, *, base_cast: Tensor | None = None) -> float:

@@ -1,0 +1,162 @@
+"""The bake kernel: one pass over a tensor's rows, whatever the number of LoRAs.
+
+A tensor is seen as a 2-D view (output rows × the rest) through a codec, and processed in row
+blocks small enough to stay in cache: decode the stored rows to fp32 → add every LoRA with one
+GEMM (`fold` stacks their factors) → encode back to the output dtype → accumulate the lost-delta
+statistic, all on the same block. No full-size fp32 copy of the tensor is made; when the output
+keeps the stored dtype, the result is written over the stored bytes.
+
+Tensors with a weight-dependent adapter (DoRA, OFT, …) take the whole-tensor path instead:
+decoded once, `delta.apply_patches` in patch order (exact), then encoded block by block.
+
+The codec is the seam for other storage formats: anything with `FloatRows`' methods (decode
+rows to fp32, encode fp32 rows, the base as the output would hold it, the finished tensor) can
+be baked by `bake_tensor`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from lorabake import delta, dtypes, fold, rounding
+
+Tensor = torch.Tensor
+
+# fp32 values per row block: the four block buffers (w, new, intended, realised) take 1 MiB.
+BLOCK_ELEMS = 1 << 16
+
+
+class Codec(Protocol):
+    rows: int
+    cols: int
+    shape: tuple[int, ...]
+
+    def decode(self, start: int, stop: int, out: Tensor) -> Tensor: ...
+    def encode(self, start: int, stop: int, x32: Tensor) -> None: ...
+    def stored(self, start: int, stop: int, out: Tensor) -> Tensor: ...
+    def base_in_output(self, w32: Tensor, out: Tensor) -> Tensor: ...
+    def keep(self, start: int, stop: int) -> None: ...
+    def result(self) -> Tensor: ...
+
+
+class FloatRows:
+    """A stored float tensor (bf16/fp16/fp8/fp32) as fp32 row blocks, encoded into `out_dtype`.
+
+    When `out_dtype` is the stored dtype the output is the stored buffer itself, rows written
+    over as they are baked (the buffer must be the caller's own). Stochastic rounding takes its
+    noise from a `rounding.NoiseStream` in row order, so the bits equal `rounding.cast_to`'s.
+    """
+
+    def __init__(self, stored: Tensor, out_dtype: torch.dtype, *, rounding_mode: str = "nearest", seed_key: str | None = None):
+        self.shape = tuple(stored.shape)
+        self.rows, self.cols = fold.rows_cols(self.shape)
+        self.src = stored.reshape(self.rows, self.cols)
+        self.in_place = out_dtype == stored.dtype
+        self.out = self.src if self.in_place else torch.empty((self.rows, self.cols), dtype=out_dtype, device=stored.device)
+        # the base survives the output dtype unchanged (same dtype or wider)
+        self.lossless = torch.finfo(out_dtype).bits >= torch.finfo(stored.dtype).bits
+        self.out_tag = dtypes.tag_of(out_dtype)
+        narrowing = torch.finfo(out_dtype).bits < 32
+        if rounding_mode not in rounding.MODES:
+            raise ValueError(f"rounding_mode must be one of {rounding.MODES}, not {rounding_mode!r}")
+        self.noise = None
+        if rounding_mode == "stochastic" and narrowing:
+            if seed_key is None:
+                raise ValueError("stochastic rounding needs a seed_key (the tensor name)")
+            self.noise = rounding.NoiseStream(rounding.seed_of(seed_key), self.rows * self.cols, out_dtype)
+
+    def decode(self, start: int, stop: int, out: Tensor) -> Tensor:
+        return out.copy_(self.src[start:stop])
+
+    def encode(self, start: int, stop: int, x32: Tensor) -> None:
+        noise = None
+        if self.noise is not None:
+            noise = self.noise.take(start * self.cols, (stop - start) * self.cols, device=x32.device)
+        rounding.cast_into(self.out[start:stop], x32, noise=noise)
+
+    def stored(self, start: int, stop: int, out: Tensor) -> Tensor:
+        return out.copy_(self.out[start:stop])
+
+    def base_in_output(self, w32: Tensor, out: Tensor) -> Tensor:
+        if self.lossless:
+            return w32
+        return out.copy_(rounding.cast_to(w32, self.out_tag))
+
+    def keep(self, start: int, stop: int) -> None:
+        if self.in_place:
+            return
+        step = _step(self.cols)
+        buf = torch.empty((min(step, stop - start), self.cols), dtype=torch.float32, device=self.src.device)
+        for a in range(start, stop, step):
+            b = min(a + step, stop)
+            self.encode(a, b, self.decode(a, b, buf[: b - a]))
+
+    def result(self) -> Tensor:
+        return self.out.reshape(self.shape)
+
+
+def _step(cols: int) -> int:
+    return max(1, BLOCK_ELEMS // max(cols, 1))
+
+
+class _Buffers:
+    """The four fp32 block buffers, reused for every block of a tensor."""
+
+    def __init__(self, rows: int, cols: int, device: torch.device) -> None:
+        self.w, self.new, self.intended, self.realised = (
+            torch.empty((rows, cols), dtype=torch.float32, device=device) for _ in range(4)
+        )
+
+
+def bake_tensor(codec: Codec, patches: Sequence[delta.Patch], *, device: torch.device) -> float:
+    """Apply `patches` through `codec`; return the share of the intended delta lost to rounding."""
+    segments = fold.fold(codec.shape, patches, device=device)
+    if segments is None:
+        return _bake_whole(codec, patches, device)
+    lost = rounding.LostDelta()
+    step = _step(codec.cols)
+    bufs = None
+    for seg in segments:
+        if not seg.touched:
+            codec.keep(seg.start, seg.stop)
+            continue
+        bufs = bufs or _Buffers(min(step, codec.rows), codec.cols, device)
+        for a in range(seg.start, seg.stop, step):
+            b = min(a + step, seg.stop)
+            n = b - a
+            w = codec.decode(a, b, bufs.w[:n])
+            new = bufs.new[:n]
+            if seg.up is not None:
+                torch.addmm(w, seg.up[a - seg.start : b - seg.start], seg.down, out=new)
+            else:
+                new.copy_(w)
+            for dw, first in seg.dense:
+                new.add_(dw[a - first : b - first])
+            _finish(codec, a, b, w, new, bufs, lost)
+    return lost.fraction
+
+
+def _finish(codec: Codec, a: int, b: int, w: Tensor, new: Tensor, bufs: _Buffers, lost: rounding.LostDelta) -> None:
+    """Encode rows [a, b) and add their (intended, realised) pair to the lost-delta statistic."""
+    n = b - a
+    intended = torch.sub(new, w, out=bufs.intended[:n])
+    codec.encode(a, b, new)  # may clamp `new` in place (fp8 saturation)
+    realised = codec.stored(a, b, bufs.realised[:n])
+    realised.sub_(codec.base_in_output(w, bufs.new[:n]))
+    lost.add(intended, realised)
+
+
+def _bake_whole(codec: Codec, patches: Sequence[delta.Patch], device: torch.device) -> float:
+    """Decode the whole tensor, fold every patch in order with `apply_patches`, encode by blocks."""
+    w32 = codec.decode(0, codec.rows, torch.empty((codec.rows, codec.cols), dtype=torch.float32, device=device))
+    new32 = delta.apply_patches(w32.reshape(codec.shape), list(patches)).reshape(codec.rows, codec.cols)
+    lost = rounding.LostDelta()
+    step = _step(codec.cols)
+    bufs = _Buffers(min(step, codec.rows), codec.cols, device)
+    for a in range(0, codec.rows, step):
+        b = min(a + step, codec.rows)
+        _finish(codec, a, b, w32[a:b], new32[a:b], bufs, lost)
+    return lost.fraction
