@@ -218,6 +218,15 @@ class LostDelta:
         pair = torch.stack((torch.dot(i, r), torch.dot(i, i))).to(torch.float64)
         self._sums = pair if self._sums is None else self._sums.add_(pair)
 
+    @classmethod
+    def combine(cls, parts: list[LostDelta]) -> LostDelta:
+        """One statistic from the partial ones of disjoint blocks."""
+        out = cls()
+        for p in parts:
+            if p._sums is not None:
+                out._sums = p._sums.clone() if out._sums is None else out._sums.add_(p._sums.to(out._sums.device))
+        return out
+
     @property
     def fraction(self) -> float:
         if self._sums is None:
