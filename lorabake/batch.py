@@ -5,8 +5,9 @@ Order of work, so that nothing is written unless the whole batch can start:
 2. per job, from headers only: is the output already made (skip), someone else's file (error
    without --force) or to do; plan every job to do (architecture, matches, shapes);
 3. check pins by hashing (not in --dry-run, which reads headers only);
-4. bake, jobs sharing a base next to each other; each output is written to a temporary file and
-   renamed when whole, so an interrupted batch leaves finished outputs and no partial one.
+4. bake: the jobs sharing a base in one streamed read of it (up to `fan_out` outputs side by
+   side, `fanout.merge_many`); each output is written to a temporary file and renamed when
+   whole, so an interrupted batch leaves finished outputs and no partial one.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class BatchOptions:
     force: bool = False
     dry_run: bool = False
     device: str = "auto"
+    fan_out: int = 8  # outputs written side by side from one read of a base
 
 
 @dataclass
@@ -96,11 +98,12 @@ def run_batch(opts: BatchOptions, *, events: BatchEvents | None = None) -> Batch
     if not opts.dry_run and todo:
         pins = {p.resolved: p for job in todo for p in job.pins}
         provenance.verify_pins(list(pins.values()))
-        events.batch_started(sum(plans[j.index].plan.base.data_size for j in todo), len(todo))
+        groups = _by_base(todo, opts.fan_out)
+        events.batch_started(sum(rows[g[0].index].base_bytes for g in groups), len(todo))
         for job in rows.values():
             if job.status == "skipped":
                 events.job_done(job)
-        for group in _by_base(todo):
+        for group in groups:
             report.base_reads += _bake_group(group, opts, rows, report, events)
     report.jobs = [rows[j.index] for j in jobs]
     report.seconds = time.perf_counter() - started
@@ -181,35 +184,38 @@ def _fill_plan(row: JobReport, result) -> None:
         row.unmatched += [o.stem for o in lp.by_status("unmatched")]
 
 
-def _by_base(todo: list[Job]) -> list[list[Job]]:
+def _by_base(todo: list[Job], fan_out: int) -> list[list[Job]]:
+    """Jobs sharing a base, in chunks of at most `fan_out` (one read of the base each)."""
     groups: dict[str, list[Job]] = {}
     for job in todo:
         groups.setdefault(job.base.resolved, []).append(job)
-    return list(groups.values())
+    size = max(1, fan_out)
+    return [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]
 
 
 def _bake_group(group: list[Job], opts: BatchOptions, rows: dict[int, JobReport], report: BatchReport,
                 events: BatchEvents) -> int:
-    """Bake the jobs of one base; returns how many times the base was read."""
-    from lorabake import ops
+    """Bake the jobs of one base in one streamed read of it; returns the number of reads (1)."""
+    from lorabake import fanout
 
-    reads = 0
+    specs = []
     for job in group:
-        row = rows[job.index]
         report.removed_temps += provenance.remove_stale_temps(job.output_path)
         os.makedirs(os.path.dirname(job.output_path), exist_ok=True)
         extra = provenance.output_metadata(job, provenance.fingerprint(job))
-        events.base_started(job.base.resolved, row.base_bytes, 1)
-        try:
-            result = ops.merge(_merge_options(job, opts, dry_run=False, extra=extra), progress=events.advance)
-        except LorabakeError as exc:
-            exc.message = f"{job.where}: {exc.message}"
-            raise
-        reads += 1
+        specs.append(_merge_options(job, opts, dry_run=False, extra=extra))
+    events.base_started(group[0].base.resolved, rows[group[0].index].base_bytes, len(group))
+    try:
+        results = fanout.merge_many(specs, progress=events.advance)
+    except LorabakeError as exc:
+        exc.message = f"{', '.join(j.where for j in group)}: {exc.message}"
+        raise
+    for job, result in zip(group, results):
+        row = rows[job.index]
         row.status = "baked"
         row.tensors_changed = result.tensors_changed
         row.seconds = result.seconds
         row.bytes_written = result.bytes_written
         row.sha256 = result.sha256
         events.job_done(row)
-    return reads
+    return 1

@@ -272,16 +272,18 @@ Examples:
 @click.argument("recipe", type=click.Path())
 @click.option("--shard", metavar="i/N|auto", help="Bake only shard i (0-based) of N; auto reads the job engine's environment.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--fan-out", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Outputs baked side by side from one read of a base (memory grows with it).")
 @click.option("--dry-run", is_flag=True, help="List every job with its plan, from headers only; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the batch report as one JSON document.")
 @click.option("--force", is_flag=True, help="Overwrite outputs that exist and were not made by the same entry.")
 @click.option("--quiet", is_flag=True, help="Print only errors.")
-def bake(recipe, shard, device, dry_run, as_json, force, quiet):
+def bake(recipe, shard, device, fan_out, dry_run, as_json, force, quiet):
     """Bake every job of a TOML recipe; finished outputs are skipped on a rerun."""
     from lorabake import batch, batch_render, shards
 
     opts = batch.BatchOptions(recipe=recipe, shard=shards.parse_shard(shard) if shard else None, force=force,
-                              dry_run=dry_run, device=device)
+                              dry_run=dry_run, device=device, fan_out=fan_out)
     quiet_run = quiet or as_json or dry_run
     events = batch_render.RichEvents() if not quiet_run and sys.stderr.isatty() else None
     events = events or (batch_render.PlainEvents() if not quiet_run else batch.BatchEvents())

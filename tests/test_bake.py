@@ -49,6 +49,7 @@ def _copy(baked, tmp_path) -> str:
 def test_outputs_equal_separate_merge_runs(baked, tmp_path):
     doc = baked["doc"]
     assert doc["totals"]["baked"] == 6 and len(doc["jobs"]) == 6
+    assert doc["totals"]["base_reads"] == 2  # one streamed read per base, 3 outputs each
     recipe = load_recipe(baked["recipe"])
     for job, row in zip(recipe.jobs, doc["jobs"]):
         ref = tmp_path / "ref" / os.path.basename(job.output_path)  # same file name: same modelspec.title
@@ -182,6 +183,7 @@ def test_three_shards_make_the_same_files_and_nothing_else(baked, tmp_path):
         docs.append(json.loads(out))
     outputs = [j["output"] for d in docs for j in d["jobs"]]
     assert sorted(outputs) == sorted(j["output"] for j in baked["doc"]["jobs"])  # disjoint and complete
+    assert [d["totals"]["base_reads"] for d in docs] == [len({j["base"] for j in d["jobs"]}) for d in docs]
     assert files_under(root / "out") == files_under(os.path.join(baked["root"], "out"))  # nothing else
     for name in files_under(root / "out"):
         assert open(root / "out" / name, "rb").read() == open(os.path.join(baked["root"], "out", name), "rb").read()
