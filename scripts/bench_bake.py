@@ -107,13 +107,23 @@ def cli(args: list[str], **kw) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
+PEAK_RSS_MIB: dict[str, float] = {}
+
+
 def timed(args: list[str]) -> tuple[float, str]:
+    """Wall seconds and stdout of one `lorabake` process; its peak RSS (wait4) goes to PEAK_RSS_MIB."""
     started = time.perf_counter()
-    proc = cli(args)
-    out, err = proc.communicate()
-    if proc.returncode:
-        raise SystemExit(f"lorabake {' '.join(args)} failed: {err}")
-    return time.perf_counter() - started, out
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "lorabake", *args], env=dict(os.environ, PYTHONPATH=ROOT),
+                                stdout=subprocess.PIPE, stderr=err, text=True)
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - started
+        if status:
+            err.seek(0)
+            raise SystemExit(f"lorabake {' '.join(args)} failed: {err.read()}")
+    PEAK_RSS_MIB[args[0]] = max(PEAK_RSS_MIB.get(args[0], 0.0), usage.ru_maxrss / 1024)
+    return seconds, out
 
 
 def outputs(folder: str) -> list[str]:
@@ -238,12 +248,13 @@ def main(argv: list[str] | None = None) -> int:
         "base_mib": round(base_mib, 1), "jobs": len(jobs), "merge_x12_s": round(merge_s, 2), "bake_s": round(bake_s, 2),
         "ratio": round(bake_s / merge_s, 3), "identical_to_merge": identical, "base_reads": base_reads,
         "read_per_base": reads, "shards_3_processes_s": round(shards_s, 2), "shards_same_12_files": shards_same,
-        "killed": killed, "cpus": os.cpu_count(), "loadavg": os.getloadavg(),
+        "killed": killed, "peak_rss_mib": PEAK_RSS_MIB, "cpus": os.cpu_count(), "loadavg": os.getloadavg(),
     }
     print(f"| case | seconds | notes |\n|---|---|---|\n"
-          f"| merge x{len(jobs)} (one process each) | {merge_s:.2f} | base {base_mib:.0f} MiB each |\n"
+          f"| merge x{len(jobs)} (one process each) | {merge_s:.2f} | base {base_mib:.0f} MiB each; "
+          f"peak RSS {PEAK_RSS_MIB['merge']:.0f} MiB |\n"
           f"| bake (one process) | {bake_s:.2f} | {result['ratio']:.2f} × the merges; {identical}/{len(jobs)} identical; "
-          f"{base_reads} base reads; bytes read / base size: "
+          f"peak RSS {PEAK_RSS_MIB['bake']:.0f} MiB; {base_reads} base reads; bytes read / base size: "
           + ", ".join(f"{k} {v:.2f}" for k, v in sorted(reads.items())) + " |\n"
           f"| bake --shard i/3, 3 processes | {shards_s:.2f} | same {len(jobs)} files and nothing else: {shards_same} |\n"
           f"| bake killed, rerun | {killed['rerun_s']:.2f} | {killed['finished_before_kill']} finished at the kill, "
