@@ -1,0 +1,367 @@
+"""`lorabake combine` and `lorabake resize`: LoRA files in, one LoRA file out, without a base.
+
+Flow: parse every input from its header; refuse what these tools cannot carry (adapter types other
+than LoRA/LoCon factors, Tucker cores, DoRA, inputs trained for different families) before reading
+data; then, module by module, fold each input's strength and alpha/rank into its `up`, stack the
+factors exactly (`lowrank.stack`) and, when a rank is asked for, reduce them optimally
+(`lowrank.reduce`); lay the output out in name order, hash it, and write it with the same writer
+as `merge` (temporary file, rename, inputs protected).
+
+Decisions:
+
+* Names: a module is written under the stem and suffix spelling of the first input that has it,
+  so a kohya file stays kohya and a PEFT file stays PEFT. Modules that exist in only one input are
+  carried over at their own strength.
+* Alpha: where the spelling has an alpha tensor, alpha = the new rank (stored in the input alpha's
+  dtype; the decoded value is the one folded into `up`), i.e. scale 1. Where it has none (ai-toolkit,
+  PEFT), the factors carry the whole scale and the PEFT `lora_adapter_metadata` is not copied: a
+  loader that reads no alpha applies scale 1, which is then right.
+* `resize` at a rank ≥ a module's own keeps that module's bytes as they are (exact, no rounding).
+* Errors are exact, not estimated: the dropped σ² of the stacked product's spectrum (the
+  Eckart–Young optimum), before rounding the factors to the output dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from lorabake import __version__, dtypes, lowrank
+from lorabake.errors import LoraFormatError, UsageError
+from lorabake.lora_format import LoraFile, module_component_hint, parse_lora
+from lorabake.plan import LoraSpec
+from lorabake.st_reader import SafetensorsReader, check_input_path
+from lorabake.st_writer import SafetensorsWriter, check_output_path, tensor_bytes
+from lorabake.svd import RANK_MODES
+
+OUTPUT_DTYPES = ("keep", "fp16", "bf16", "fp32")
+_FACTOR_PARTS = frozenset({"up", "down", "alpha"})
+# metadata keys that say which base a LoRA is for: carried over when every input agrees
+_BASE_KEYS = ("ss_base_model_version", "modelspec.architecture", "ss_v2")
+
+
+@dataclass(frozen=True)
+class ToolOptions:
+    inputs: tuple[LoraSpec, ...]
+    output: str
+    rank: int | None = None  # None: exact (combine) / required (resize)
+    rank_mode: str = "fixed"
+    rank_param: float | None = None
+    dtype: str = "keep"
+    force: bool = False
+    command: str = "combine"
+
+
+@dataclass(frozen=True)
+class ModuleReport:
+    stem: str
+    shape: tuple[int, ...]
+    rank_in: int  # Σ of the inputs' ranks
+    rank_out: int
+    norm: float  # ‖ΔW‖_F of the exact combination
+    error: float  # relative Frobenius error of the written factors (before rounding)
+    action: str  # "stacked" | "reduced" | "kept"
+
+
+@dataclass
+class ToolResult:
+    options: ToolOptions
+    modules: list[ModuleReport] = field(default_factory=list)
+    output: str | None = None
+    sha256: str | None = None
+    data_sha256: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def overall_error(self) -> float:
+        total = sum(m.norm**2 for m in self.modules)
+        lost = sum((m.error * m.norm) ** 2 for m in self.modules)
+        return math.sqrt(lost / total) if total > 0 else 0.0
+
+
+@dataclass
+class _Term:
+    """One input's contribution to one module: ΔW = coef · up @ down (flattened to 2-D)."""
+
+    coef: float
+    up: torch.Tensor
+    down: torch.Tensor
+    kernel: tuple[int, ...]  # down's shape after the rank axis ((in,) or (in, kh, kw))
+    out_shape: tuple[int, ...]  # up's shape after the rank axis ((), or (1, 1) for LoCon)
+
+
+@dataclass
+class _Naming:
+    up: str
+    down: str
+    alpha: str | None
+    factor_dtype: torch.dtype
+    alpha_dtype: torch.dtype | None
+
+
+def validate(opts: ToolOptions) -> None:
+    """Usage errors (exit 2) before any file is opened."""
+    if not opts.inputs:
+        raise UsageError("no input LoRA given")
+    if opts.rank_mode not in RANK_MODES:
+        raise UsageError(f"--rank-mode must be one of {', '.join(RANK_MODES)}")
+    if opts.rank is not None and opts.rank < 1:
+        raise UsageError("--rank must be at least 1")
+    if opts.rank_mode != "fixed" and opts.rank_param is None:
+        raise UsageError(f"--rank-mode {opts.rank_mode} needs --rank-param")
+    if opts.command == "resize" and opts.rank is None:
+        raise UsageError("resize needs --rank (the rank, or the cap of a dynamic --rank-mode)")
+    if opts.dtype not in OUTPUT_DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}")
+    for spec in opts.inputs:
+        for value in (spec.strength, spec.te_strength):
+            if value is not None and not (math.isfinite(value) and abs(value) < 3.0e38):
+                raise UsageError(f"strength {value} for {spec.path} is not a finite fp32 number")
+
+
+def run(opts: ToolOptions) -> ToolResult:
+    """Combine (or resize, with one input) the LoRA files of `opts` into `opts.output`."""
+    validate(opts)
+    for spec in opts.inputs:
+        check_input_path(spec.path)
+    check_output_path(opts.output, inputs=[s.path for s in opts.inputs], force=opts.force)
+    readers = [SafetensorsReader(spec.path) for spec in opts.inputs]
+    try:
+        loras = [parse_lora(r.tensors, r.metadata, path=r.path) for r in readers]
+        _check_supported(loras)
+        modules, namings, input_shas = _collect(opts, readers, loras)
+        result = ToolResult(opts)
+        items = _build(opts, modules, namings, result, readers, loras)
+        _write(opts, items, result, loras, input_shas)
+        return result
+    finally:
+        for r in readers:
+            r.close()
+
+
+def _check_supported(loras: list[LoraFile]) -> None:
+    archs = {lora.arch for lora in loras if lora.arch not in ("unknown", None)}
+    if len(archs) > 1:
+        names = ", ".join(f"{os.path.basename(lo.path)} ({lo.arch})" for lo in loras)
+        raise UsageError(f"the inputs are for different model families: {names}")
+    for lora in loras:
+        if lora.unknown_keys:
+            key = lora.unknown_keys[0]
+            raise LoraFormatError("tensor belongs to no LoRA module", path=lora.path, tensor=key)
+        for m in lora.modules.values():
+            if m.algo != "lora" or m.dora or not set(m.parts) <= _FACTOR_PARTS:
+                kind = "DoRA" if m.dora else ("Tucker LoCon" if "mid" in m.parts else m.algo)
+                raise LoraFormatError(
+                    f"module {m.stem!r} is {kind}; combine and resize work on LoRA/LoCon factors only",
+                    path=lora.path,
+                    tensor=m.parts.get("up") or next(iter(m.parts.values())),
+                    hint="bake it into a base with `lorabake merge` instead",
+                )
+
+
+def _collect(opts, readers, loras):
+    """stem → terms (file order), stem → naming, and each input's data-section SHA-256."""
+    modules: dict[str, list[_Term]] = {}
+    namings: dict[str, _Naming] = {}
+    shas: list[str] = []
+    for spec, reader, lora in zip(opts.inputs, readers, loras):
+        data = {name: reader.read(name) for name in reader.tensors}
+        sha = hashlib.sha256()
+        for name in sorted(reader.tensors, key=lambda n: reader.tensors[n].start):
+            sha.update(tensor_bytes(data[name]))
+        shas.append(sha.hexdigest())
+        for stem, m in lora.modules.items():
+            up, down = data[m.parts["up"]], data[m.parts["down"]]
+            _check_factors(lora, m, up, down)
+            scale = _scale(lora, m, data)
+            component = module_component_hint(stem) or "unet"
+            coef = spec.strength_for(component) * scale
+            rank = down.shape[0]
+            term = _Term(coef, up.reshape(up.shape[0], rank).float(), down.reshape(rank, -1).float(),
+                         tuple(down.shape[1:]), tuple(up.shape[2:]))
+            terms = modules.setdefault(stem, [])
+            if terms and (terms[0].kernel, terms[0].up.shape[0]) != (term.kernel, term.up.shape[0]):
+                raise LoraFormatError(
+                    f"module {stem!r} has shape {tuple(up.shape[:1]) + term.kernel} here but "
+                    f"{tuple(terms[0].up.shape[:1]) + terms[0].kernel} in an earlier input",
+                    path=lora.path, tensor=m.parts["down"],
+                )
+            terms.append(term)
+            if stem not in namings:
+                alpha_key = m.parts.get("alpha")
+                namings[stem] = _Naming(
+                    up=m.parts["up"][len(stem):],
+                    down=m.parts["down"][len(stem):],
+                    alpha=alpha_key[len(stem):] if alpha_key else None,
+                    factor_dtype=up.dtype,
+                    alpha_dtype=data[alpha_key].dtype if alpha_key else None,
+                )
+    return modules, namings, shas
+
+
+def _check_factors(lora: LoraFile, m, up: torch.Tensor, down: torch.Tensor) -> None:
+    if not (up.dtype.is_floating_point and down.dtype.is_floating_point):
+        raise LoraFormatError(f"module {m.stem!r} has non-float factors", path=lora.path, tensor=m.parts["up"])
+    if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+        raise LoraFormatError(f"NaN or Inf in module {m.stem!r}", path=lora.path, tensor=m.parts["up"])
+
+
+def _scale(lora: LoraFile, m, data: dict[str, torch.Tensor]) -> float:
+    """alpha/rank in force for this module (PEFT metadata alpha, else the alpha tensor, else 1)."""
+    rank = data[m.parts["down"]].shape[0]
+    alpha = lora.alpha_overrides.get(m.stem)
+    if alpha is None and "alpha" in m.parts:
+        t = data[m.parts["alpha"]]
+        if t.numel() != 1:
+            raise LoraFormatError("alpha is not a scalar", path=lora.path, tensor=m.parts["alpha"])
+        alpha = float(t.float().reshape(()))
+    if alpha is None:
+        return 1.0
+    if not math.isfinite(alpha):
+        raise LoraFormatError(f"alpha {alpha} is not finite", path=lora.path, tensor=m.parts.get("alpha"))
+    return alpha / rank
+
+
+def _build(opts, modules, namings, result, readers, loras) -> list[tuple[str, torch.Tensor]]:
+    """The output tensors, sorted by name (safetensors' canonical order)."""
+    items: list[tuple[str, torch.Tensor]] = []
+    for stem, terms in modules.items():
+        naming = namings[stem]
+        out_dtype = naming.factor_dtype if opts.dtype == "keep" else dtypes.torch_dtype(dtypes.CLI_NAMES[opts.dtype])
+        rank_in = sum(t.down.shape[0] for t in terms)
+        up, down = lowrank.stack([(t.coef, t.up, t.down) for t in terms])
+        shape = (up.shape[0], *terms[0].kernel)
+        keep_as_is = (
+            opts.command == "resize" and opts.rank_mode == "fixed" and rank_in <= opts.rank
+            and stem not in loras[0].alpha_overrides  # PEFT metadata alpha is not copied: fold it instead
+        )
+        if keep_as_is:
+            norm = math.sqrt(lowrank.reduce(up, down, max_rank=rank_in).total_sq)
+            result.modules.append(ModuleReport(stem, shape, rank_in, rank_in, norm, 0.0, "kept"))
+            items.extend(_original_items(stem, readers[0], loras[0]))
+            continue
+        if opts.rank is None:
+            reduced = lowrank.reduce(up, down, max_rank=rank_in)
+            new_up, new_down, rank, action = up, down, rank_in, "stacked"
+            error = 0.0
+        else:
+            reduced = lowrank.reduce(up, down, max_rank=opts.rank, mode=opts.rank_mode, param=opts.rank_param)
+            new_up, new_down, rank, action = reduced.up, reduced.down, reduced.rank, "reduced"
+            error = reduced.relative_error
+        norm = math.sqrt(reduced.total_sq)
+        result.modules.append(ModuleReport(stem, shape, rank_in, rank, norm, error, action))
+        if naming.alpha is not None:
+            stored = torch.tensor(float(rank)).to(naming.alpha_dtype)
+            new_up = new_up * (rank / float(stored.float()))
+            items.append((stem + naming.alpha, stored))
+        items.append((stem + naming.up, new_up.reshape(up.shape[0], rank, *terms[0].out_shape).to(out_dtype)))
+        items.append((stem + naming.down, new_down.reshape(rank, *terms[0].kernel).to(out_dtype)))
+    for name, t in items:
+        if t.dtype.is_floating_point and not bool(torch.isfinite(t.float()).all()):
+            raise LoraFormatError("the result does not fit the output dtype (Inf)", path=opts.output, tensor=name,
+                                  hint="use --dtype fp32 or smaller strengths")
+    items.sort(key=lambda item: item[0])
+    return items
+
+
+def _original_items(stem: str, reader: SafetensorsReader, lora: LoraFile) -> list[tuple[str, torch.Tensor]]:
+    return [(key, reader.read(key)) for key in lora.modules[stem].parts.values()]
+
+
+def _write(opts, items, result: ToolResult, loras: list[LoraFile], input_shas: list[str]) -> None:
+    sha = hashlib.sha256()
+    for _, t in items:
+        sha.update(tensor_bytes(t))
+    digest = sha.hexdigest()
+    meta = _metadata(opts, result, loras, input_shas)
+    meta["sshs_model_hash"] = digest
+    meta["modelspec.hash_sha256"] = "0x" + digest
+    entries = [(name, dtypes.tag_of(t.dtype), tuple(t.shape)) for name, t in items]
+    with SafetensorsWriter(opts.output, entries, meta, inputs=[s.path for s in opts.inputs], force=opts.force) as w:
+        for name, t in items:
+            w.write(name, t)
+    result.output = opts.output
+    result.sha256 = w.sha256
+    result.data_sha256 = w.data_sha256
+    result.metadata = meta
+
+
+def _metadata(opts, result: ToolResult, loras: list[LoraFile], input_shas: list[str]) -> dict[str, str]:
+    meta: dict[str, str] = {}
+    for key in _BASE_KEYS:
+        values = {lo.metadata[key] for lo in loras if key in lo.metadata}
+        if len(values) == 1:
+            meta[key] = values.pop()
+    ranks = {m.rank_out for m in result.modules}
+    dim = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
+    meta.update(
+        {
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": dim,
+            "ss_network_alpha": dim,
+            "ss_training_comment": f"lorabake {opts.command}",
+        }
+    )
+    meta[f"lorabake.{opts.command}"] = json.dumps(
+        {
+            "version": __version__,
+            "inputs": [
+                {"file": os.path.basename(s.path), "data_sha256": h, "strength": s.strength,
+                 "te_strength": s.te_strength}
+                for s, h in zip(opts.inputs, input_shas)
+            ],
+            "rank": opts.rank,
+            "rank_mode": opts.rank_mode,
+            "rank_param": opts.rank_param,
+            "modules": len(result.modules),
+            "error": round(result.overall_error, 8),
+        },
+        separators=(",", ":"),
+    )
+    return meta
+
+
+def summary_lines(result: ToolResult) -> list[str]:
+    """The plain summary printed after a run."""
+    opts = result.options
+    ranks = [m.rank_out for m in result.modules]
+    counts: dict[str, int] = {}
+    for m in result.modules:
+        counts[m.action] = counts.get(m.action, 0) + 1
+    done = ", ".join(f"{n} {action}" for action, n in sorted(counts.items()))
+    worst = max(result.modules, key=lambda m: m.error, default=None)
+    lines = [
+        f"{opts.command}: {len(opts.inputs)} input(s) -> {result.output}",
+        f"modules: {len(result.modules)} ({done}); rank {min(ranks, default=0)}..{max(ranks, default=0)}",
+        f"error: {result.overall_error:.3e} overall (relative Frobenius, exact)",
+    ]
+    if worst is not None and worst.error > 0:
+        lines.append(f"largest module error: {worst.error:.3e} in {worst.stem}")
+    lines.append(f"sha256: {result.sha256}")
+    return lines
+
+
+def result_json(result: ToolResult) -> dict:
+    """The `--json` document."""
+    ranks = [m.rank_out for m in result.modules]
+    return {
+        "command": result.options.command,
+        "output": result.output,
+        "inputs": [s.path for s in result.options.inputs],
+        "modules": len(result.modules),
+        "rank_min": min(ranks) if ranks else None,
+        "rank_max": max(ranks) if ranks else None,
+        "error": result.overall_error,
+        "sha256": result.sha256,
+        "data_sha256": result.data_sha256,
+        "per_module": [
+            {"stem": m.stem, "shape": list(m.shape), "rank_in": m.rank_in, "rank": m.rank_out,
+             "norm": m.norm, "error": m.error, "action": m.action}
+            for m in result.modules
+        ],
+    }
