@@ -300,6 +300,7 @@ def bake(recipe, shard, device, fan_out, dry_run, as_json, force, quiet):
     elif not quiet:
         batch_render.print_batch(report)
 
+
 # -- combine / resize ----------------------------------------------------------------------
 LORATOOL_EXAMPLES = """
 \b
