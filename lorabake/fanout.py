@@ -12,6 +12,7 @@ the read (no partial file); outputs of earlier reads stay whole.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Sequence
 
@@ -37,9 +38,33 @@ def merge_many(outputs: Sequence[ops.MergeOptions], *, progress: ops.Progress | 
     base = ops.open_inputs(first.base, ())[0]
     with contextlib.ExitStack() as stack:
         stack.callback(base.close)
-        jobs = [_prepare(o, base, stack) for o in outputs]
+        loras = _Loras(stack)
+        jobs = [_prepare(o, base, loras) for o in outputs]
         _bake_all(base, jobs, device, progress, stack)
     return [job.result for job in jobs]
+
+
+class _Loras:
+    """Each LoRA file of the read opened once and checked (NaN/Inf, data SHA-256) once, however
+    many outputs use it."""
+
+    def __init__(self, stack: contextlib.ExitStack) -> None:
+        self.stack = stack
+        self.readers: dict[str, SafetensorsReader] = {}
+        self.shas: dict[str, str] = {}
+
+    def reader(self, path: str) -> SafetensorsReader:
+        key = os.path.realpath(path)
+        if key not in self.readers:
+            check_input_path(path)
+            self.readers[key] = self.stack.enter_context(SafetensorsReader(path))
+        return self.readers[key]
+
+    def data_sha256(self, lora_plan) -> str:
+        key = os.path.realpath(lora_plan.reader.path)
+        if key not in self.shas:
+            self.shas[key] = ops._verify_lora_data(lora_plan.reader, lora_plan.lora)
+        return self.shas[key]
 
 
 class _Job:
@@ -57,18 +82,13 @@ class _Job:
             name in self.scaled or name in self.scaled.values())
 
 
-def _prepare(opts: ops.MergeOptions, base: SafetensorsReader, stack: contextlib.ExitStack) -> _Job:
+def _prepare(opts: ops.MergeOptions, base: SafetensorsReader, loras: _Loras) -> _Job:
     out_tag = ops._output_tag(opts.dtype)
-    for spec in opts.loras:
-        check_input_path(spec.path)
-    readers = [SafetensorsReader(s.path) for s in opts.loras]
-    for r in readers:
-        stack.callback(r.close)
-    plan = plan_merge(base, list(opts.loras), readers)
+    plan = plan_merge(base, list(opts.loras), [loras.reader(s.path) for s in opts.loras])
     if plan.unmatched and not opts.allow_unmatched:
         raise ops._unmatched_error(plan)
     result = ops.MergeResult(plan)
-    result.lora_data_sha256 = [ops._verify_lora_data(lp.reader, lp.lora) for lp in plan.loras]
+    result.lora_data_sha256 = [loras.data_sha256(lp) for lp in plan.loras]
     if out_tag and ops.scaled_fp8_scales(base.tensors):
         raise UsageError("--dtype cannot convert a scaled-fp8 checkpoint (its fp8 weights need their scales)",
                          hint="use --dtype keep")
@@ -78,8 +98,10 @@ def _prepare(opts: ops.MergeOptions, base: SafetensorsReader, stack: contextlib.
 
 def _bake_all(base: SafetensorsReader, jobs: list[_Job], device, progress, stack: contextlib.ExitStack) -> None:
     started = time.perf_counter()
+    pool, workers = stack.enter_context(ops._compute_threads(device))  # shared by the K bakers, one at a time
     for job in jobs:
         job.baker = ops._Baker(job.opts, job.plan, job.out_tags, device, job.result)
+        job.baker.pool, job.baker.workers = pool, workers
         entries = [(n, job.out_tags[n], i.shape) for n, i in base.tensors.items()]
         meta = ops._metadata(job.opts, job.plan, job.result.lora_data_sha256)
         job.writer = stack.enter_context(SafetensorsWriter(
