@@ -132,6 +132,14 @@ class SafetensorsReader:
                 )
             done += got
 
+    def source_of(self, name: str) -> tuple[int, int, int]:
+        """(open fd, byte offset, byte count) of tensor `name`'s bytes, for a kernel-side copy.
+
+        The fd stays valid until `close`.
+        """
+        loc = self._where[name]
+        return self._fd(loc.header.path), loc.header.data_offset + loc.info.start, loc.info.nbytes
+
     def read(self, name: str) -> torch.Tensor:
         """Tensor `name` as a CPU torch tensor (its own memory, no mmap)."""
         return to_tensor(self.read_view(name), self.tensors[name])

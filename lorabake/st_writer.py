@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from lorabake import dtypes
+from lorabake import dtypes, file_copy
 from lorabake.errors import OutputError, WriterProtocolError
 from lorabake.st_header import encode_header
 
@@ -118,17 +118,25 @@ class SafetensorsWriter:
             prefix = struct.pack("<Q", len(self.header_bytes)) + self.header_bytes
             self._raw_write(prefix, data=False)
             if self._background_bytes > 0:
-                self._pipe = _Pipe(self._background_bytes, [self._write_and_hash, self._sha_data.update])
+                self._pipe = _Pipe(self._background_bytes, [self._write_and_hash, file_copy.span_aware(self._sha_data.update)])
         except BaseException:
             self.abort()
             raise
 
-    def _write_and_hash(self, chunk: bytes | bytearray | memoryview) -> None:
+    def _write_and_hash(self, chunk: bytes | bytearray | memoryview | file_copy.Span) -> None:
+        span = chunk if isinstance(chunk, file_copy.Span) else None
         try:
-            self._file.write(chunk)
+            if span is not None:
+                self._file.flush()
+                file_copy.copy_span(span, self._file.fileno())
+            else:
+                self._file.write(chunk)
         except OSError as exc:
             raise _os_error(exc, self.target) from None
-        self._sha_file.update(chunk)
+        if span is not None:
+            file_copy.hash_span(self._sha_file.update, span)
+        else:
+            self._sha_file.update(chunk)
 
     def _raw_write(self, chunk: bytes | bytearray | memoryview, *, data: bool) -> None:
         try:
@@ -178,6 +186,25 @@ class SafetensorsWriter:
             self._pipe.put(data, size)
         else:
             self._raw_write(data, data=True)
+        self._next += 1
+
+    def copy_from(self, name: str, fd: int, offset: int) -> None:
+        """Append tensor `name` as the bytes at `offset` of the open file `fd`, copied by the kernel.
+
+        `os.copy_file_range` (falling back to `sendfile`, then read/write), so unchanged bytes
+        never pass through Python; both hashes read them back from the page cache on their
+        threads. `fd` must stay open until `commit`.
+        """
+        if self._file is None or self._next >= len(self.entries) or self.entries[self._next][0] != name:
+            expected = self.next_name
+            raise WriterProtocolError(f"out of order: expected {expected!r} next", path=self.target, tensor=name)
+        start, end = self.spans[self._next]
+        span = file_copy.Span(fd, offset, end - start)
+        if self._pipe is not None:
+            self._pipe.put(span, 0)  # holds no memory
+        else:
+            self._write_and_hash(span)
+            file_copy.hash_span(self._sha_data.update, span)
         self._next += 1
 
     def commit(self) -> None:

@@ -58,15 +58,24 @@ import lorabake.cli
 from lorabake import st_writer
 
 real_write = st_writer.SafetensorsWriter.write
+real_copy = st_writer.SafetensorsWriter.copy_from  # unchanged tensors are copied, not written
 
-def paused_write(self, name, data):
-    real_write(self, name, data)
+def pause(self):
     if self._next == 1:
         self._file.flush()
         print("ready", flush=True)
         time.sleep(120)
 
+def paused_write(self, name, data):
+    real_write(self, name, data)
+    pause(self)
+
+def paused_copy(self, name, fd, offset):
+    real_copy(self, name, fd, offset)
+    pause(self)
+
 st_writer.SafetensorsWriter.write = paused_write
+st_writer.SafetensorsWriter.copy_from = paused_copy
 lorabake.cli.main(sys.argv[1:])
 """
 

@@ -1,0 +1,88 @@
+"""Copying a byte range file to file in the kernel, and hashing it back from the page cache.
+
+Tensors a merge leaves unchanged go from the base to the output without passing through Python
+buffers: `os.copy_file_range` (in-kernel, or a reflink on filesystems that share extents),
+falling back to `sendfile`, then to `pread`/`write` where neither works (other filesystems,
+older kernels). Their bytes still have to be hashed; `hash_span` reads them back in chunks, which
+the page cache serves right after the copy.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+
+CHUNK = 8 << 20
+MAX_CALL = 1 << 30  # bytes per copy call: the kernel caps a call near 2 GiB anyway
+# errno values that mean "this copy call cannot do this pair of files": try the next one
+_TRY_NEXT = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
+
+
+class Span:
+    """`size` bytes at `offset` of the open file `fd`."""
+
+    __slots__ = ("fd", "offset", "size")
+
+    def __init__(self, fd: int, offset: int, size: int) -> None:
+        self.fd, self.offset, self.size = fd, offset, size
+
+
+def copy_span(span: Span, out_fd: int) -> None:
+    """Append `span` at `out_fd`'s current position: copy_file_range, else sendfile, else read/write."""
+    done = 0
+    for copy in (_copy_file_range, _sendfile, _read_write):
+        try:
+            while done < span.size:
+                got = copy(span.fd, out_fd, span.offset + done, span.size - done)
+                if got == 0:
+                    raise OSError(errno.EIO, "input file ended while copying a tensor (was it truncated?)")
+                done += got
+            return
+        except OSError as exc:
+            if exc.errno not in _TRY_NEXT or copy is _read_write:
+                raise
+
+
+def _copy_file_range(src: int, dst: int, offset: int, count: int) -> int:
+    if not hasattr(os, "copy_file_range"):
+        raise OSError(errno.ENOSYS, "no copy_file_range")
+    return os.copy_file_range(src, dst, min(count, MAX_CALL), offset)
+
+
+def _sendfile(src: int, dst: int, offset: int, count: int) -> int:
+    if not hasattr(os, "sendfile"):
+        raise OSError(errno.ENOSYS, "no sendfile")
+    return os.sendfile(dst, src, offset, min(count, MAX_CALL))
+
+
+def _read_write(src: int, dst: int, offset: int, count: int) -> int:
+    data = os.pread(src, min(count, CHUNK), offset)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(dst, view) :]
+    return len(data)
+
+
+def hash_span(update: Callable[[memoryview], object], span: Span) -> None:
+    """Feed `span`'s bytes to `update` (a hash's `update`), read in chunks into one buffer."""
+    buf = memoryview(bytearray(min(CHUNK, span.size)))
+    done = 0
+    while done < span.size:
+        got = os.preadv(span.fd, [buf[: min(len(buf), span.size - done)]], span.offset + done)
+        if got == 0:
+            raise OSError(errno.EIO, "input file ended while hashing a copied tensor (was it truncated?)")
+        update(buf[:got])
+        done += got
+
+
+def span_aware(update: Callable[[memoryview], object]) -> Callable[[object], None]:
+    """A hash consumer that takes byte chunks and `Span`s alike."""
+
+    def consume(chunk) -> None:
+        if isinstance(chunk, Span):
+            hash_span(update, chunk)
+        else:
+            update(chunk)
+
+    return consume
