@@ -29,9 +29,9 @@ from lorabake.st_writer import SafetensorsWriter, check_output_path
 Progress = Callable[[int], None]
 
 # Read-ahead budget for the base checkpoint: enough to keep the disk busy while we compute.
-DEFAULT_READAHEAD = 64 << 20
+DEFAULT_READAHEAD = 32 << 20
 # LoRA bytes read by the preflight and kept for the bake instead of being read again.
-DEFAULT_LORA_CACHE = 64 << 20
+DEFAULT_LORA_CACHE = 32 << 20
 # Bytes handed to the writer's threads but not yet written and hashed.
 WRITE_QUEUE_BYTES = 32 << 20
 
