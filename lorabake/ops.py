@@ -129,6 +129,11 @@ def _unmatched_error(plan: MergePlan) -> MatchError:
     )
 
 
+def _verify_lora_data(reader: SafetensorsReader, lora) -> str:
+    """SHA-256 of a LoRA's data section after refusing NaN/Inf; keeps nothing (see LoraData)."""
+    return LoraData(0).verify(reader, lora)
+
+
 def _metadata(opts: MergeOptions, plan: MergePlan, lora_shas: list[str]) -> dict[str, str]:
     meta = dict(plan.base.metadata)
     loras = [
@@ -188,10 +193,10 @@ class _Baker:
         out_tags: dict[str, str],
         device: torch.device,
         result: MergeResult,
-        lora_data: LoraData,
+        lora_data: LoraData | None = None,
     ):
         self.opts, self.plan, self.out_tags, self.device, self.result = opts, plan, out_tags, device, result
-        self.lora_data = lora_data
+        self.lora_data = lora_data if lora_data is not None else LoraData(0)
         self.pool: Executor | None = None  # row blocks on its threads (see _compute_threads)
         self.workers = 1
         self.scale_of = {w: s for w, s in scaled_fp8_scales(plan.base.tensors).items() if w in plan.patches}
