@@ -1,10 +1,16 @@
-"""One table: safetensors dtype tag <-> torch dtype <-> item size (fp8 where torch has it)."""
+"""One table: safetensors dtype tag <-> torch dtype <-> item size (fp8 where torch has it).
+
+torch is imported only when a torch dtype is asked for, so header-only commands run without it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -16,7 +22,11 @@ class DType:
 
     @property
     def torch(self) -> torch.dtype | None:
-        return getattr(torch, self.torch_name, None) if self.torch_name else None
+        if not self.torch_name:
+            return None
+        import torch
+
+        return getattr(torch, self.torch_name, None)
 
 
 # Every dtype the safetensors format defines (safetensors/src/tensor.rs `Dtype`).
@@ -44,7 +54,11 @@ _TABLE = [
 ]
 
 BY_TAG: dict[str, DType] = {d.tag: d for d in _TABLE}
-BY_TORCH: dict[torch.dtype, DType] = {d.torch: d for d in _TABLE if d.torch is not None}
+
+
+@cache
+def _by_torch() -> dict[torch.dtype, DType]:
+    return {d.torch: d for d in _TABLE if d.torch is not None}
 
 # Sub-byte formats: (bits per element). Span = ceil(numel * bits / 8).
 _SUB_BYTE_BITS = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
@@ -78,7 +92,7 @@ def torch_dtype(tag: str) -> torch.dtype:
 
 
 def tag_of(dtype: torch.dtype) -> str:
-    return BY_TORCH[dtype].tag
+    return _by_torch()[dtype].tag
 
 
 def is_float(tag: str) -> bool:

@@ -17,8 +17,6 @@ import json
 import os
 from collections import Counter
 
-import torch
-
 from lorabake import lora_format
 from lorabake.detect import detect_checkpoint
 from lorabake.jobs import entry_toml, recipe_from_metadata
@@ -109,13 +107,11 @@ def _checkpoint_report(reader: SafetensorsReader) -> dict:
 
 
 def _lora_report(reader: SafetensorsReader, against: str | None) -> dict:
-    lora = lora_format.parse_lora(reader.tensors, reader.metadata, path=reader.path)
+    lora = lora_format.parse_lora(reader.tensors, reader.metadata, path=reader.path, read=reader.read_bytes)
     alphas = read_alphas(reader, lora)
     ranks = Counter(m.rank for m in lora.modules.values() if m.rank is not None)
     alpha_counts = Counter(_fmt(a) for a in alphas.values() if a is not None)
-    scales = Counter(
-        _fmt(alphas[s] / m.rank if alphas.get(s) is not None and m.rank else 1.0) for s, m in lora.modules.items()
-    )
+    scales = Counter(_fmt(m.scale) for m in lora.modules.values() if m.scale is not None)
     components = Counter(lora_format.module_component_hint(s) or "?" for s in lora.modules)
     report = _common(reader, "lora")
     report.update(
@@ -144,15 +140,9 @@ def _lora_report(reader: SafetensorsReader, against: str | None) -> dict:
 
 
 def read_alphas(reader: SafetensorsReader, lora) -> dict[str, float | None]:
-    """stem -> alpha (tensor, else lora_adapter_metadata, else None)."""
-    out: dict[str, float | None] = {}
-    for stem, module in lora.modules.items():
-        key = module.parts.get("alpha")
-        if key is not None:
-            out[stem] = float(reader.read(key).to(torch.float32).reshape(-1)[0])
-        else:
-            out[stem] = lora.alpha_overrides.get(stem)
-    return out
+    """stem -> the module's alpha tensor's value, None without one (PEFT files: their config gives
+    the scale, shown under `scales`). `lora` must have been parsed with `read=`."""
+    return {stem: module.alpha for stem, module in lora.modules.items()}
 
 
 def top_tags(metadata: dict[str, str]) -> list[list]:

@@ -266,7 +266,7 @@ class _Baker:
             strength=p.strength,
             slice=p.target.slice,
             transform=p.target.transform,
-            alpha_override=lp.lora.alpha_overrides.get(p.module.stem),
+            scale=p.module.scale,
             dora=p.module.dora,
             param=p.param,
         )

@@ -10,7 +10,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
-from lorabake import delta, lora_format
+from lorabake import adapters, lora_format
 from lorabake.detect import CheckpointInfo, detect_checkpoint
 from lorabake.errors import LoraFormatError, MatchError
 from lorabake.keymap import KeyMap, build_keymap
@@ -19,11 +19,9 @@ from lorabake.st_reader import SafetensorsReader
 from lorabake.types import TEXT_ENCODERS, LoraModule, Target
 
 # Parts that land on the module's bias tensor rather than its weight.
-BIAS_PARTS = ("diff_b", "b_norm", "up_bias")
+BIAS_PARTS = adapters.BIAS_PARTS
 # Parts lorabake refuses (reported as unmatched, never skipped in silence), with the reason.
-UNSUPPORTED_PARTS = {
-    "reshape_weight": "BFL control LoRAs widen the base tensor; changing a tensor's shape is not supported",
-}
+UNSUPPORTED_PARTS = adapters.REFUSED_PARTS
 
 
 @dataclass(frozen=True)
@@ -100,7 +98,7 @@ def plan_merge(base: SafetensorsReader, specs: list[LoraSpec], lora_readers: lis
     patches: dict[str, list[PlannedPatch]] = {}
     plans = []
     for index, (spec, reader) in enumerate(zip(specs, lora_readers)):
-        lora = parse_lora(reader.tensors, reader.metadata, path=reader.path)
+        lora = parse_lora(reader.tensors, reader.metadata, path=reader.path, read=reader.read_bytes)
         _check_arch(lora, info, base.path)
         plan = LoraPlan(spec, lora, reader)
         claimed: dict[tuple[str, object], str] = {}
@@ -156,26 +154,19 @@ def _resolve(
         part = sorted(refused)[0]
         return Outcome(stem, "unmatched", target.component, f"{part}: {UNSUPPORTED_PARTS[part]}", target.key), []
     shapes = {part: reader.tensors[key].shape for part, key in module.parts.items()}
-    weight_parts = {p: s for p, s in shapes.items() if p not in BIAS_PARTS}
+    weight_parts = adapters.weight_shapes(shapes)
     bias_parts = {p: s for p, s in shapes.items() if p in BIAS_PARTS}
     planned: list[PlannedPatch] = []
     strength = spec.strength_for(target.component)
     base_shape = base.tensors[target.key].shape
     if target.slice is not None:
         base_shape = (target.slice.length, *base_shape[1:])
-    if _has_weight_math(module.algo, weight_parts):
-        try:
-            natural = delta.delta_shape(module.algo, weight_parts)
-        except LoraFormatError as exc:
-            exc.path = exc.path or reader.path
-            exc.tensor = exc.tensor or stem
-            raise
-        if not delta.fits(module.algo, weight_parts, base_shape):
-            shown = list(natural) if natural is not None else module.algo
-            return (
-                Outcome(stem, "unmatched", target.component, f"ΔW {shown} does not fit {target.key} {list(base_shape)}", target.key),
-                [],
-            )
+    if adapters.has_weight_change(weight_parts):
+        if target.transform == "transpose":  # the LoRA sees the weight transposed
+            base_shape = tuple(reversed(base_shape))
+        misfit = _misfit(module, weight_parts, base_shape, reader, target.key)
+        if misfit:
+            return Outcome(stem, "unmatched", target.component, misfit, target.key), []
         planned.append(PlannedPatch(index, module, target, "weight", strength))
     if bias_parts:
         if target.bias_key is None:
@@ -191,6 +182,27 @@ def _resolve(
     return Outcome(stem, "applied", target.component, "", target.key), planned
 
 
-def _has_weight_math(algo: str, weight_parts: dict[str, tuple[int, ...]]) -> bool:
-    """False for modules that only carry bias parts (a lone diff_b or b_norm)."""
-    return any(p not in ("alpha", "scale") for p in weight_parts)
+def _misfit(
+    module: LoraModule, shapes: dict[str, tuple[int, ...]], target_shape: tuple[int, ...], reader: SafetensorsReader, key: str
+) -> str | None:
+    """Why the module cannot patch `key` (an unmatched reason), or None when it fits.
+
+    A factor whose number of dimensions cannot be the target's (a 3-D `lora_down` on a linear
+    layer) is an error even when the element counts agree: the file is wrong, not the base.
+    """
+    fault = adapters.target_fault(module.algo, shapes, target_shape)
+    if fault is None:
+        return None
+    try:
+        natural = adapters.delta_shape(module.algo, shapes)
+    except LoraFormatError:
+        natural = None
+    if natural is not None and math.prod(natural) == math.prod(target_shape):
+        part = max((p for p in shapes if p not in adapters.SCALAR_PARTS), key=lambda p: len(shapes[p]))
+        raise LoraFormatError(
+            f"module {module.stem!r} on {key} {list(target_shape)}: {part} has shape {list(shapes[part])}; {fault}",
+            path=reader.path,
+            tensor=module.parts[part],
+            hint="the factors do not have the layout of the target layer; the file is damaged or mis-converted",
+        )
+    return f"{fault} ({key})"

@@ -13,12 +13,16 @@ import queue
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+import numpy
 
 from lorabake import dtypes
 from lorabake.errors import HeaderError, InputError
 from lorabake.st_header import Header, TensorInfo, read_header
+
+if TYPE_CHECKING:  # torch is imported where a tensor is made, so header-only commands run without it
+    import torch
 
 # Pickle-based formats: refused, never unpickled.
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
@@ -177,10 +181,12 @@ def _empty_buffer(nbytes: int) -> memoryview:
     """A writable byte buffer that is not zero-filled (bytearray(n) memsets every byte first)."""
     if nbytes == 0:
         return memoryview(bytearray(0))
-    return memoryview(torch.empty(nbytes, dtype=torch.uint8).numpy())
+    return memoryview(numpy.empty(nbytes, dtype=numpy.uint8))
 
 
 def to_tensor(buf: bytearray | memoryview, info: TensorInfo) -> torch.Tensor:
+    import torch
+
     dt = dtypes.BY_TAG[info.dtype].torch
     if dt is None:
         raise HeaderError(f"torch cannot represent dtype {info.dtype}", tensor=info.name)

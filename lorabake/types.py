@@ -40,8 +40,10 @@ TEXT_ENCODERS = ("te1", "te2", "te3")
 class LoraModule:
     """One adapter module of a LoRA file: a stem plus its parts.
 
-    `parts` maps a canonical part name (see lora_format.PART_NAMES) to the tensor's key in the
-    file. `algo` is one of lora_format.ALGORITHMS. `rank` comes from the factor shapes.
+    `parts` maps a canonical part name (see adapters.PART_NAMES) to the tensor's key in the
+    file. `algo` is one of adapters.ALGORITHMS. `rank` comes from the factor shapes. `alpha` and
+    `scale` (the adapter's own multiplier, see adapters.scale) are set once the file's scalars are
+    read; `scale` stays None until then.
     """
 
     stem: str
@@ -49,3 +51,5 @@ class LoraModule:
     parts: dict[str, str] = field(default_factory=dict)
     rank: int | None = None
     dora: bool = False
+    alpha: float | None = None
+    scale: float | None = None

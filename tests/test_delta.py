@@ -5,16 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorabake.delta import (
-    Patch,
-    apply_patches,
-    bias_delta,
-    delta,
-    delta_shape,
-    fits,
-    rank_of,
-    scale_of,
-)
+from lorabake.adapters import delta_shape, fits, rank_of
+from lorabake.delta import Patch, apply_patches, bias_delta, delta, scale_of
 from lorabake.errors import LoraFormatError
 from lorabake.types import RowSlice
 

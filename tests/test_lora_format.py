@@ -20,7 +20,6 @@ from lorabake.lora_format import (
     SUFFIXES,
     LoraFile,
     looks_like_lora,
-    metadata_alpha,
     module_component_hint,
     parse_lora,
     split_key,
@@ -572,29 +571,30 @@ def test_pipeline_layout_alpha_and_patterns():
     unet = _config(alpha_pattern={"attn2.to_k": 2}, rank_pattern={"proj_in": 8})
     meta = _pipeline_metadata(unet=unet, text_encoder=_config(lora_alpha=4))
     f = parse(t, meta)
-    assert f.alpha_overrides == {
-        "unet." + UNET_TO_K: 2.0,  # alpha_pattern, suffix match after a `.`
-        "unet." + UNET_TO_Q: 8.0,  # lora_alpha
-        "unet." + UNET_PROJ_IN: 8.0,  # rank_pattern r=8, lora_alpha 8 -> scale 1 -> alpha 8 at rank 8
-        "text_encoder." + TE_Q: 4.0,
+    # PEFT's scale itself: alpha / r (ranks: to_k, to_q, te 4; proj_in 8)
+    assert f.peft_scales == {
+        "unet." + UNET_TO_K: 2.0 / 4,  # alpha_pattern, suffix match after a `.`
+        "unet." + UNET_TO_Q: 8.0 / 4,  # lora_alpha
+        "unet." + UNET_PROJ_IN: 8.0 / 8,  # rank_pattern r=8, lora_alpha 8 -> scale 1
+        "text_encoder." + TE_Q: 4.0 / 4,
     }
     module = f.modules["unet." + UNET_TO_Q]
-    assert metadata_alpha(f, module) == 8.0
+    assert (module.alpha, module.scale) == (None, 8.0 / 4)  # the module carries the scale, computed once
 
 
 def test_alpha_tensor_wins_over_metadata():
     t = _peft_unet()
     t["unet." + UNET_TO_Q + ".alpha"] = torch.tensor(1.0)
     f = parse(t, _pipeline_metadata(unet=_config()))
-    assert "unet." + UNET_TO_Q not in f.alpha_overrides
-    assert f.alpha_overrides["unet." + UNET_TO_K] == 8.0
+    assert "unet." + UNET_TO_Q not in f.peft_scales
+    assert f.peft_scales["unet." + UNET_TO_K] == 8.0 / 4
 
 
-def test_rslora_is_an_effective_alpha():
+def test_rslora_scale():
     f = parse(_peft_unet(), _pipeline_metadata(unet=_config(use_rslora=True, lora_alpha=8, r=4, rank_pattern={"proj_in": 8})))
-    # PEFT scale alpha/sqrt(r); lorabake scale alpha_eff/rank
-    assert f.alpha_overrides["unet." + UNET_TO_Q] / 4 == pytest.approx(8 / math.sqrt(4))
-    assert f.alpha_overrides["unet." + UNET_PROJ_IN] / 8 == pytest.approx(8 / math.sqrt(8))
+    # PEFT scale alpha/sqrt(r)
+    assert f.peft_scales["unet." + UNET_TO_Q] == pytest.approx(8 / math.sqrt(4))
+    assert f.peft_scales["unet." + UNET_PROJ_IN] == pytest.approx(8 / math.sqrt(8))
 
 
 def test_model_layout_and_anchored_patterns():
@@ -603,15 +603,15 @@ def test_model_layout_and_anchored_patterns():
     t = _peft_unet(prefix="")
     config = _config(lora_alpha=16, rank_pattern={f"^{UNET_PROJ_IN}": 8}, alpha_pattern={f"^{UNET_PROJ_IN}": 4})
     f = parse(t, {"lora_adapter_metadata": json.dumps(config, sort_keys=True)})
-    assert f.alpha_overrides == {UNET_TO_K: 16.0, UNET_TO_Q: 16.0, UNET_PROJ_IN: 4.0}
+    assert f.peft_scales == {UNET_TO_K: 16.0 / 4, UNET_TO_Q: 16.0 / 4, UNET_PROJ_IN: 4.0 / 8}
 
 
 def test_components_without_config_get_no_override():
     t = _peft_unet()
     t.update(make_lora([("text_encoder." + TE_Q, 768, 768)], naming="peft"))
     f = parse(t, _pipeline_metadata(text_encoder=_config(lora_alpha=2)))
-    assert f.alpha_overrides == {"text_encoder." + TE_Q: 2.0}
-    assert parse(t, {}).alpha_overrides == {}
+    assert f.peft_scales == {"text_encoder." + TE_Q: 2.0 / 4}
+    assert parse(t, {}).peft_scales == {}
 
 
 @pytest.mark.skipif(not os.environ.get("LORABAKE_SLOW_TESTS"), reason="imports diffusers+peft (~10 s); set LORABAKE_SLOW_TESTS=1")
@@ -637,11 +637,11 @@ def test_file_written_by_diffusers_save_lora_weights(tmp_path):
     header = read_header(path)
     f = parse_lora(header.tensors, header.metadata, path=path)
     assert f.flavour == "peft"
-    assert f.alpha_overrides == {
-        "unet." + UNET_TO_K: 2.0,
-        "unet." + UNET_TO_Q: 8.0,
-        "unet." + UNET_PROJ_IN: 8.0,
-        "text_encoder." + TE_Q: pytest.approx(4 / math.sqrt(4) * 4),
+    assert f.peft_scales == {
+        "unet." + UNET_TO_K: 2.0 / 4,
+        "unet." + UNET_TO_Q: 8.0 / 4,
+        "unet." + UNET_PROJ_IN: 8.0 / 8,
+        "text_encoder." + TE_Q: pytest.approx(4 / math.sqrt(4)),
     }
 
 

@@ -1,0 +1,37 @@
+"""Full / diff (LyCORIS `full`, ComfyUI `diff`, `diff_b`): ΔW is stored whole.
+
+`diff` has the target's shape; `diff_b` is a bias delta and may ride along with any other adapter
+of the same module (alone it makes a `full` module). Neither has a rank, so alpha never scales them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from lorabake.adapters.base import Adapter, Shape, Shapes, Suffix, need
+
+NAME = "full"
+
+SUFFIXES = (
+    Suffix(".diff", "diff"),
+    Suffix(".diff_b", "diff_b"),
+)
+
+
+def complete(parts: Collection[str]) -> bool:
+    return True  # `diff` or a lone `diff_b` is a module
+
+
+def natural(shapes: Shapes) -> Shape:
+    return need(NAME, shapes, "diff")[0]
+
+
+ADAPTER = Adapter(
+    name=NAME,
+    parts=("diff",),
+    suffixes=SUFFIXES,
+    complete=complete,
+    natural=natural,
+    raw=lambda p: p["diff"],
+    bias_part="diff_b",
+)

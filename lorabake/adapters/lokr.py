@@ -1,0 +1,116 @@
+"""LoKr (LyCORIS, PEFT): ΔW = W1 ⊗ W2, a Kronecker product.
+
+W1 [a, c] is `lokr_w1` or `lokr_w1_a @ lokr_w1_b`; W2 [b, d(, k…)] is `lokr_w2`,
+`lokr_w2_a @ lokr_w2_b` (w2_b may hold the flattened conv kernel) or the Tucker product of
+`lokr_t2` [r, r, k…] with `lokr_w2_a` [r, b] and `lokr_w2_b` [r, d].
+The rank alpha is divided by is w2's when w2 is factored, else w1's; with both factors full,
+alpha does not scale (ComfyUI and A1111 agree).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+
+from lorabake.adapters.base import (
+    Adapter,
+    Shape,
+    Shapes,
+    Suffix,
+    Tensor,
+    check_rank,
+    fault,
+    ndim_in,
+    need,
+    same,
+)
+from lorabake.adapters.lora import flat, tucker
+
+NAME = "lokr"
+PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+
+SUFFIXES = tuple(Suffix(f".{p}", p) for p in PARTS)
+
+
+def complete(parts: Collection[str]) -> bool:
+    w1 = "lokr_w1" in parts or ("lokr_w1_a" in parts and "lokr_w1_b" in parts)
+    w2 = "lokr_w2" in parts or ("lokr_w2_a" in parts and "lokr_w2_b" in parts)
+    return w1 and w2
+
+
+def _w1(shapes: Shapes) -> Shape:
+    if "lokr_w1" in shapes:
+        for p in ("lokr_w1_a", "lokr_w1_b"):
+            if p in shapes:
+                raise fault(NAME, "LoKr module has both lokr_w1 and its factors lokr_w1_a/lokr_w1_b", "lokr_w1")
+        (w1,) = need(NAME, shapes, "lokr_w1")
+        ndim_in(NAME, "lokr_w1", w1, (2,))
+        return w1
+    w1a, w1b = need(NAME, shapes, "lokr_w1_a", "lokr_w1_b")
+    ndim_in(NAME, "lokr_w1_a", w1a, (2,))
+    ndim_in(NAME, "lokr_w1_b", w1b, (2,))
+    same(NAME, "lokr_w1_a", w1a[1], "lokr_w1_b", w1b[0], "LoKr w1 ranks disagree")
+    check_rank(NAME, "lokr_w1_b", w1b[0])
+    return (w1a[0], w1b[1])
+
+
+def _w2(shapes: Shapes) -> Shape:
+    if "lokr_w2" in shapes:
+        for p in ("lokr_w2_a", "lokr_w2_b", "lokr_t2"):
+            if p in shapes:
+                raise fault(NAME, f"LoKr module has both lokr_w2 and {p}", "lokr_w2")
+        (w2,) = need(NAME, shapes, "lokr_w2")
+        ndim_in(NAME, "lokr_w2", w2, (2, 3, 4, 5))
+        return w2
+    w2a, w2b = need(NAME, shapes, "lokr_w2_a", "lokr_w2_b")
+    ndim_in(NAME, "lokr_w2_a", w2a, (2,))
+    ndim_in(NAME, "lokr_w2_b", w2b, (2,) if "lokr_t2" in shapes else (2, 3, 4, 5))
+    check_rank(NAME, "lokr_w2_b", w2b[0])
+    if "lokr_t2" in shapes:  # t2 [r, r, k…], w2_a [r, b], w2_b [r, d]
+        (t2,) = need(NAME, shapes, "lokr_t2")
+        ndim_in(NAME, "lokr_t2", t2, (3, 4, 5))
+        same(NAME, "lokr_t2", t2[0], "lokr_w2_a", w2a[0], "LoKr Tucker core does not fit w2_a")
+        same(NAME, "lokr_t2", t2[1], "lokr_w2_b", w2b[0], "LoKr Tucker core does not fit w2_b")
+        return (w2a[1], w2b[1], *t2[2:])
+    same(NAME, "lokr_w2_a", w2a[1], "lokr_w2_b", w2b[0], "LoKr w2 ranks disagree")
+    return (w2a[0], *w2b[1:])
+
+
+def natural(shapes: Shapes) -> Shape:
+    (a, c), w2 = _w1(shapes), _w2(shapes)
+    return (a * w2[0], c * w2[1], *w2[2:])
+
+
+def rank(shapes: Shapes) -> int | None:
+    if "lokr_w2" not in shapes:
+        return int(need(NAME, shapes, "lokr_w2_b")[0][0])
+    if "lokr_w1" not in shapes:
+        return int(need(NAME, shapes, "lokr_w1_b")[0][0])
+    return None
+
+
+def raw(p: Mapping[str, Tensor]) -> Tensor:
+    import torch
+
+    w1 = p["lokr_w1"] if "lokr_w1" in p else p["lokr_w1_a"] @ p["lokr_w1_b"]
+    if "lokr_w2" in p:
+        w2 = p["lokr_w2"]
+    elif "lokr_t2" in p:
+        w2 = tucker(p["lokr_t2"], p["lokr_w2_a"], p["lokr_w2_b"])
+    else:
+        b = p["lokr_w2_b"]
+        w2 = (p["lokr_w2_a"] @ flat(b)).reshape(-1, *b.shape[1:])
+    w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - w1.dim())))
+    return torch.kron(w1, w2.contiguous())
+
+
+ADAPTER = Adapter(
+    name=NAME,
+    parts=PARTS,
+    suffixes=SUFFIXES,
+    complete=complete,
+    natural=natural,
+    rank=rank,
+    flattened=True,
+    raw=raw,
+    fresh=True,
+)
