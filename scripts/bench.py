@@ -245,6 +245,15 @@ def summary(samples: list[tuple[float, int, float]]) -> dict:
     }
 
 
+def startup_cases(exe: list[str], base: str) -> dict[str, list[str]]:
+    """Header-only commands beside a bare interpreter start: `--help` and `inspect` never import torch."""
+    return {
+        "python -c pass": [sys.executable, "-c", "pass"],
+        "lorabake --help": exe + ["--help"],
+        "inspect (header only)": exe + ["inspect", base],
+    }
+
+
 def bench_arch(arch: str, work: str, args) -> dict:
     suffix = "-smoke" if args.smoke else ""
     base = os.path.join(CACHE, f"{arch}{suffix}.safetensors")
@@ -283,6 +292,7 @@ def bench_arch(arch: str, work: str, args) -> dict:
         cases["naive x2"] = [sys.executable, naive_script, base, out, mapping, *loras[:2]]
     if not args.smoke:
         cases["inspect"] = exe + ["inspect", base, "--json"]
+    cases.update(startup_cases(exe, base))
 
     log(f"{arch}: warming the page cache ({os.path.getsize(base) / 2**30:.1f} GiB + LoRAs)")
     warm([base, *loras])
