@@ -15,8 +15,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy
-
 from lorabake import dtypes
 from lorabake.errors import HeaderError, InputError
 from lorabake.st_header import Header, TensorInfo, read_header
@@ -181,6 +179,8 @@ def _empty_buffer(nbytes: int) -> memoryview:
     """A writable byte buffer that is not zero-filled (bytearray(n) memsets every byte first)."""
     if nbytes == 0:
         return memoryview(bytearray(0))
+    import numpy
+
     return memoryview(numpy.empty(nbytes, dtype=numpy.uint8))
 
 
