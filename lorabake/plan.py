@@ -98,7 +98,9 @@ def plan_merge(base: SafetensorsReader, specs: list[LoraSpec], lora_readers: lis
     patches: dict[str, list[PlannedPatch]] = {}
     plans = []
     for index, (spec, reader) in enumerate(zip(specs, lora_readers)):
-        lora = parse_lora(reader.tensors, reader.metadata, path=reader.path, read=reader.read_bytes)
+        # header only: a module's alpha tensor is read with its factors at bake time, where the
+        # kernel applies the same scale rule (adapters.scale); PEFT scales come from the metadata
+        lora = parse_lora(reader.tensors, reader.metadata, path=reader.path)
         _check_arch(lora, info, base.path)
         plan = LoraPlan(spec, lora, reader)
         claimed: dict[tuple[str, object], str] = {}
