@@ -324,23 +324,24 @@ def apply_patches(weight: Tensor, patches: Sequence[Patch], *, dora_mode: str = 
         if p.algo == "set":
             new = _fit(p.algo, p.parts["set_weight"].to(mod), mod.shape, "set_weight")
         elif p.algo in WEIGHT_DEPENDENT_ALGOS:
-            new = _apply_weight_dependent(p.algo, mod, p.parts, p.strength, scale=_patch_scale(p))
+            new = _apply_weight_dependent(p.algo, mod, p.parts, p.strength, scale=patch_scale(p))
         elif p.dora:
-            dw = _linear_delta(p.algo, p.parts, mod.shape, _patch_scale(p), mod.dtype, mod.device)
+            dw = _linear_delta(p.algo, p.parts, mod.shape, patch_scale(p), mod.dtype, mod.device)
             peft = "magnitude" in p.parts
             mag = p.parts["magnitude" if peft else "dora_scale"].to(mod)
             new = dora.fold(p.algo, mod, dw, mag, p.strength, dora_mode, peft=peft)
         elif _add_low_rank(view, p):
             continue
         else:
-            dw = _linear_delta(p.algo, p.parts, mod.shape, _patch_scale(p), mod.dtype, mod.device)
+            dw = _linear_delta(p.algo, p.parts, mod.shape, patch_scale(p), mod.dtype, mod.device)
             view.add_(_transform(dw, p.transform, p.algo), alpha=p.strength)
             continue
         view.copy_(_transform(new, p.transform, p.algo))
     return out
 
 
-def _patch_scale(p: Patch) -> float:
+def patch_scale(p: Patch) -> float:
+    """The patch's own multiplier: `Patch.scale` when the planner gave it, else the rule from its parts."""
     return _module_scale(p.algo, p.parts, p.scale, p.alpha_override)
 
 
@@ -358,6 +359,6 @@ def _add_low_rank(view: Tensor, p: Patch) -> bool:
     _header_check(p.algo, p.parts)
     up = _check_finite(p.algo, up.to(view), "up")
     down = _check_finite(p.algo, down.to(view), "down")
-    scale = _patch_scale(p)
+    scale = patch_scale(p)
     lora.product(up, down, into=view.view(view.shape[0], -1), alpha=p.strength * scale)
     return True

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorabake import delta
+from lorabake import adapters, delta
 from lorabake.errors import LoraFormatError
 
 Tensor = torch.Tensor
@@ -99,7 +99,7 @@ def _piece(p: delta.Patch, shape: tuple[int, ...], cols: int, device: torch.devi
         module_shape = view
     shapes = {k: tuple(v.shape) for k, v in p.parts.items()}
     try:
-        if not delta.fits(p.algo, shapes, module_shape):
+        if not adapters.fits(p.algo, shapes, module_shape):
             raise _Unfoldable
     except LoraFormatError:
         raise _Unfoldable from None
@@ -109,7 +109,7 @@ def _piece(p: delta.Patch, shape: tuple[int, ...], cols: int, device: torch.devi
         pair = _factors(p, n, cols, device)
         if pair is not None:
             return _Piece(start, start + n, up=pair[0], down=pair[1])
-    dw = delta.delta(p.algo, p.parts, out_shape=module_shape, alpha_override=p.alpha_override)
+    dw = delta.delta(p.algo, p.parts, out_shape=module_shape, alpha_override=p.alpha_override, scale=p.scale)
     dw = _to_checkpoint(dw.to(device=device, dtype=torch.float32), p.transform)
     return _Piece(start, start + n, dense=dw.reshape(n, cols) * p.strength)
 
@@ -119,7 +119,7 @@ def _factors(p: delta.Patch, n: int, cols: int, device: torch.device) -> tuple[T
     up = p.parts["up"].to(device=device, dtype=torch.float32)
     down = p.parts["down"].to(device=device, dtype=torch.float32)
     up, down = up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
-    factor = p.strength * delta.scale_of(p.algo, p.parts, alpha_override=p.alpha_override)
+    factor = p.strength * delta.patch_scale(p)
     if p.transform == "transpose":  # (up @ down)ᵀ = downᵀ @ upᵀ
         if up.shape[0] != cols or down.shape[1] != n:
             return None

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 
-from lorabake import delta
+from lorabake import adapters
 from lorabake.arch import FAMILIES, TEXT_ENCODER_KINDS
 from lorabake.arch.common import Family
 from lorabake.detect import arch_from_metadata, detect_checkpoint
@@ -30,7 +30,6 @@ from lorabake.types import LoraModule, Target
 # A family is named only when it leaves at most this share of the LoRA's modules unmatched: a LoRA for
 # another model that happens to share a few names (a DiT's attn.to_q) is not called that family.
 MAX_UNMATCHED_SHARE = 0.1
-_BIAS_PARTS = ("diff_b", "b_norm", "up_bias")
 _BRACES = re.compile(r"\{([^}]*)\}")
 
 
@@ -108,14 +107,14 @@ def fits(
     module: LoraModule, tensors: Mapping[str, TensorInfo], target: Target, base: Mapping[str, TensorInfo]
 ) -> bool:
     """Does the module's ΔW fit the target's weight (its row band, if any)? Headers only."""
-    weight = {p: tensors[k].shape for p, k in module.parts.items() if p not in _BIAS_PARTS}
-    if not any(p not in ("alpha", "scale") for p in weight):
+    weight = adapters.weight_shapes({p: tensors[k].shape for p, k in module.parts.items()})
+    if not adapters.has_weight_change(weight):
         return True  # bias-only module: its length is checked when planned against a real base
     shape = base[target.key].shape
     if target.slice is not None:
         shape = (target.slice.length, *shape[1:])
     try:
-        return delta.fits(module.algo, weight, shape)
+        return adapters.fits(module.algo, weight, shape)
     except LoraFormatError:
         return False
 
