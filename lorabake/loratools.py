@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lorabake import __version__, dtypes, lowrank
+from lorabake.adapters.scale import scale_of
 from lorabake.errors import LoraFormatError, UsageError
 from lorabake.lora_format import LoraFile, module_component_hint, parse_lora
 from lorabake.plan import LoraSpec
@@ -212,19 +213,18 @@ def _check_factors(lora: LoraFile, m, up: torch.Tensor, down: torch.Tensor) -> N
 
 
 def _scale(lora: LoraFile, m, data: dict[str, torch.Tensor]) -> float:
-    """alpha/rank in force for this module (PEFT metadata alpha, else the alpha tensor, else 1)."""
+    """The module's own multiplier, by the one rule in `adapters.scale` (alpha tensor, else PEFT's scale)."""
     rank = data[m.parts["down"]].shape[0]
-    alpha = lora.alpha_overrides.get(m.stem)
-    if alpha is None and "alpha" in m.parts:
-        t = data[m.parts["alpha"]]
-        if t.numel() != 1:
-            raise LoraFormatError("alpha is not a scalar", path=lora.path, tensor=m.parts["alpha"])
-        alpha = float(t.float().reshape(()))
-    if alpha is None:
-        return 1.0
-    if not math.isfinite(alpha):
-        raise LoraFormatError(f"alpha {alpha} is not finite", path=lora.path, tensor=m.parts.get("alpha"))
-    return alpha / rank
+    scalars: dict[str, float] = {}
+    for part in ("alpha", "scale"):
+        if part in m.parts:
+            t = data[m.parts[part]]
+            if t.numel() != 1:
+                raise LoraFormatError(f"{part} is not a scalar", path=lora.path, tensor=m.parts[part])
+            scalars[part] = float(t.float().reshape(()))
+            if not math.isfinite(scalars[part]):
+                raise LoraFormatError(f"{part} {scalars[part]} is not finite", path=lora.path, tensor=m.parts[part])
+    return scale_of(rank=rank, alpha=scalars.get("alpha"), scale_part=scalars.get("scale"), peft=lora.peft_scales.get(m.stem))
 
 
 def _build(opts, modules, namings, result, readers, loras) -> list[tuple[str, torch.Tensor]]:
@@ -238,7 +238,7 @@ def _build(opts, modules, namings, result, readers, loras) -> list[tuple[str, to
         shape = (up.shape[0], *terms[0].kernel)
         keep_as_is = (
             opts.command == "resize" and opts.rank_mode == "fixed" and rank_in <= opts.rank
-            and stem not in loras[0].alpha_overrides  # PEFT metadata alpha is not copied: fold it instead
+            and stem not in loras[0].peft_scales  # PEFT's metadata scale is not copied: fold it instead
         )
         if keep_as_is:
             norm = math.sqrt(lowrank.reduce(up, down, max_rank=rank_in).total_sq)
