@@ -5,19 +5,16 @@ Exit codes: 0 success, 1 failure on data or files, 2 usage error, 130 interrupte
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import signal
 import sys
 import traceback
 
 import click
 
-from lorabake import __version__
+from lorabake import __version__, interrupts
 from lorabake.errors import LorabakeError, UsageError, from_os_error
-from lorabake.plan import LoraSpec
-from lorabake.render import sanitize
+from lorabake.text import sanitize, to_json
 
 EXIT_CODES_HELP = "Exit codes: 0 success, 1 failure on data or files, 2 usage error, 130 interrupted."
 
@@ -47,27 +44,40 @@ Examples:
 """
 
 
-class _Interrupted(BaseException):
-    pass
-
-
-def _on_sigterm(signum, frame):  # noqa: ARG001
-    raise _Interrupted()
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point: maps errors to one `Error:` line and the documented exit codes.
 
     Anything that escapes as a Python exception (an `OSError` from a race after the up-front
     checks, or a bug) is still one `Error:` line; `--debug` adds the traceback above it.
+    SIGINT and SIGTERM from here on are one line and exit 130 (see `interrupts`).
     """
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    interrupts.install()
+    try:
+        _run(argv)
+    except (click.exceptions.Abort, KeyboardInterrupt, interrupts.Interrupted):
+        _interrupted()
+
+
+def _interrupted() -> None:
+    interrupts.ignore()
+    written = interrupts.written()
+    if written:
+        line = "Interrupted after the output was written: " + ", ".join(sanitize(p, one_line=True) for p in written)
+    else:
+        line = "Interrupted: nothing was written."
+    try:
+        click.echo(line, err=True)
+    except (OSError, ValueError):
+        pass
+    sys.exit(130)
+
+
+def _run(argv: list[str] | None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         cli.main(args=argv, prog_name="lorabake", standalone_mode=False)
-    except (click.exceptions.Abort, KeyboardInterrupt, _Interrupted):
-        click.echo("Interrupted: nothing was written.", err=True)
-        sys.exit(130)
+    except click.exceptions.Abort:  # click's name for a KeyboardInterrupt: handled by main
+        raise
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
@@ -88,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _fail(exc: LorabakeError, *, debug: bool) -> None:
+    interrupts.ignore()  # one line: a signal now must not add a second
     if debug:
         traceback.print_exc()
     click.echo(f"Error: {sanitize(str(exc), one_line=True)}", err=True)
@@ -102,8 +113,10 @@ def cli(debug: bool) -> None:  # noqa: ARG001
 
 
 # -- merge ---------------------------------------------------------------------------------
-def parse_lora_arg(text: str) -> LoraSpec:
+def parse_lora_arg(text: str):
     """PATH[:STRENGTH[:TE_STRENGTH]], numbers taken from the right so paths may contain ':'."""
+    from lorabake.plan import LoraSpec  # torch comes with it: not at import, where no handler runs yet
+
     pieces = text.split(":")
     numbers: list[float] = []
     while len(pieces) > 1 and len(numbers) < 2:
@@ -182,7 +195,7 @@ def merge(base, loras, output, dtype, device, rounding, allow_unmatched, dry_run
     with render.progress_bar(enabled=show_progress) as progress:
         result = ops.merge(opts, progress=progress.advance, on_plan=progress.start_for)
     if as_json:
-        click.echo(json.dumps(render.merge_json(result), indent=2))
+        click.echo(to_json(render.merge_json(result)))
     elif not quiet:
         render.print_merge(result)
 
@@ -200,7 +213,7 @@ def inspect(files, as_json, with_hash, against):
 
     reports = [inspecting.inspect_file(path, with_hash=with_hash, against=against) for path in files]
     if as_json:
-        click.echo(json.dumps({"files": reports}, indent=2))
+        click.echo(to_json({"files": reports}))
     else:
         render.print_inspect(reports)
 
@@ -252,7 +265,7 @@ def extract(base, tuned, output, rank, conv_rank, rank_mode, rank_param, alpha, 
     with render.progress_bar(enabled=show_progress, label="extracting") as progress:
         result = extracting.extract(opts, progress=progress.advance, on_start=progress.start_total)
     if as_json:
-        click.echo(json.dumps(extracting.extract_json(result), indent=2))
+        click.echo(to_json(extracting.extract_json(result)))
     elif not quiet:
         render.print_extract(extracting.extract_json(result))
 

@@ -1,6 +1,7 @@
 """Rendering for the CLI: rich tables on a terminal, plain lines otherwise, JSON documents.
 
-Everything that came out of a file (tensor names, metadata) goes through `sanitize` first.
+Everything that came out of a file (tensor names, metadata) goes through `sanitize` first, and
+reaches a terminal through a console that reads no markup and no emoji codes (see `lorabake.text`).
 """
 
 from __future__ import annotations
@@ -20,38 +21,21 @@ from rich.progress import (
 )
 from rich.table import Table
 
-# C0/C1 controls (ESC starts terminal sequences, CR rewrites the line, BEL rings), DEL, and the
-# bidirectional overrides and isolates that make text display in a different order than it reads.
-_BIDI = [*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C]
-_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)] if c != 0x0A}
-_CONTROL.update({c: f"\\u{c:04x}" for c in _BIDI})
-_ONE_LINE = {**_CONTROL, 0x0A: "\\n"}
+from lorabake.text import sanitize
+
 META_DISPLAY_LIMIT = 200
 # A patched tensor that lost more than this fraction of its delta to rounding is listed.
 LOST_DELTA_WARN = 0.05
 
 
-def sanitize(text: object, limit: int | None = None, *, one_line: bool = False) -> str:
-    """Escape terminal control characters from file-supplied text; cut very long values.
-
-    Newlines are kept (multi-line metadata stays readable) unless `one_line`, which escapes them
-    too: an error message must stay on its one `Error:` line.
-    """
-    out = str(text).translate(_ONE_LINE if one_line else _CONTROL)
-    if limit is not None and len(out) > limit:
-        out = out[:limit] + f"… ({len(out) - limit} more characters)"
-    return out
-
-
 def _esc(text: object, limit: int | None = None) -> str:
-    """Sanitized and safe for rich markup."""
-    from rich.markup import escape
-
-    return escape(sanitize(text, limit))
+    """File text for a table cell: sanitized (the console reads no markup or emoji codes anyway)."""
+    return sanitize(text, limit)
 
 
 def _console() -> Console:
-    return Console(highlight=False, soft_wrap=True)
+    """Markup and emoji codes off: a `[sd1]` or `:skull:` from a file is printed as written."""
+    return Console(highlight=False, soft_wrap=True, emoji=False, markup=False)
 
 
 def _tty() -> bool:
@@ -59,6 +43,7 @@ def _tty() -> bool:
 
 
 def _out(line: str = "") -> None:
+    """One line of plain text (file text in it already sanitized): never read as markup or emoji."""
     if _tty():
         _console().print(line)
     else:
@@ -164,23 +149,23 @@ def _counts_text(counts: dict[str, int]) -> str:
 
 def print_merge(result) -> None:
     doc = merge_json(result)
-    _out(f"base: {_esc(doc['base'])} [{doc['base_architecture']}]")
+    _out(f"base: {_one(doc['base'])} [{doc['base_architecture']}]")
     for lora in doc["loras"]:
         _out(
-            f"lora: {_esc(lora['path'])} [{lora['flavour']}, {lora['architecture']}] "
+            f"lora: {_one(lora['path'])} [{lora['flavour']}, {lora['architecture']}] "
             f"strength {lora['strength']:g} / te {lora['te_strength']:g}"
         )
         _out(f"  applied:   {_counts_text(lora['applied'])}")
         _out(f"  skipped:   {_counts_text(lora['skipped'])}")
         _out(f"  unmatched: {_counts_text(lora['unmatched'])}")
         for row in lora["not_applied"][:20]:
-            _out(f"    {row['status']}: {_esc(row['module'])}: {_esc(row['reason'])}")
+            _out(f"    {row['status']}: {_one(row['module'])}: {_one(row['reason'])}")
         if len(lora["not_applied"]) > 20:
             _out(f"    … {len(lora['not_applied']) - 20} more (use --json for all)")
     if doc["dry_run"]:
         _out(f"dry run: {doc['tensors_patched_planned']} tensors would change; nothing written")
         return
-    _out(f"output: {_esc(doc['output'])}")
+    _out(f"output: {_one(doc['output'])}")
     _out(f"  tensors changed: {doc['tensors_changed']}, re-cast: {doc['tensors_cast']}")
     lost = doc["lost_to_rounding"]
     _out(f"  largest fraction of a delta lost to rounding: {lost['max']:.3g}")
@@ -338,15 +323,15 @@ def _rich_report(rep: dict) -> None:
 
 # -- extract -------------------------------------------------------------------------------
 def print_extract(doc: dict) -> None:
-    _out(f"extracted {doc['modules']} modules [{doc['arch']}] from {_esc(doc['tuned'])} − {_esc(doc['base'])}")
+    _out(f"extracted {doc['modules']} modules [{doc['arch']}] from {_one(doc['tuned'])} − {_one(doc['base'])}")
     _out(f"  rank {doc['rank_min']}..{doc['rank_max']} ({doc['rank_mode']}), dtype {doc['dtype']}")
     _out(f"  relative error ‖ΔW − up·down·scale‖/‖ΔW‖: {doc['error']:.4g} overall")
     worst = sorted(doc["per_module"], key=lambda m: m["error"], reverse=True)[:5]
     for m in worst:
-        _out(f"    {_esc(m['stem'])}: rank {m['rank']}, error {m['error']:.4g}")
+        _out(f"    {_one(m['stem'])}: rank {m['rank']}, error {m['error']:.4g}")
     if doc["skipped"]:
         _out("  skipped: " + ", ".join(f"{k} {v}" for k, v in doc["skipped"].items()))
     if doc["unaddressable"]:
         _out(f"  {len(doc['unaddressable'])} changed weights have no LoRA name and were left out")
-    _out(f"output: {_esc(doc['output'])}")
+    _out(f"output: {_one(doc['output'])}")
     _out(f"  sha256: {doc['sha256']}  {doc['bytes_written']} bytes in {doc['timings'].get('total', 0):.2f} s")

@@ -281,6 +281,22 @@ def _index_shards(index_path: str) -> list[str]:
     return shards
 
 
+def model_files(path: str) -> list[str]:
+    """Every file the model at `path` is made of: shards, their index files, a diffusers
+    `model_index.json`; all of them are inputs an output may not replace."""
+    files = [f for _, f in _shards_of(path)]
+    if path.endswith(".index.json"):
+        files.append(path)
+    elif os.path.isdir(path):
+        comps = _diffusers_components(path)
+        if comps:
+            files.append(os.path.join(path, "model_index.json"))
+            files += [w for w in (_weights_in(os.path.join(path, c)) for c in comps) if w and w.endswith(".index.json")]
+        else:
+            files += [os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors.index.json")]
+    return files
+
+
 def _shards_of(path: str) -> list[tuple[str, str]]:
     """(name prefix, file) pairs that make up the logical model at `path`."""
     if os.path.isdir(path):

@@ -1,9 +1,9 @@
 """Write a safetensors file whose header is declared up front, atomically.
 
 The writer knows every (name, dtype, shape) and the metadata before the first byte, writes the
-header, then accepts tensors strictly in the declared order and size. Bytes go to a temporary
-file beside the target (named `.<target>.lorabake-tmp-<pid>`), which is fsynced and renamed
-onto the target only when complete. Any exception, KeyboardInterrupt included, removes it.
+header, then accepts tensors strictly in the declared order and size. Bytes go to a file created
+exclusively beside the target, which appears at the target only when complete, never replacing
+anything without `force` (see `outfile`). Any exception, KeyboardInterrupt included, removes it.
 SHA-256 of the whole file and of the data section are computed while writing.
 
 With `background_bytes > 0`, `write` only validates and queues: one thread writes and hashes
@@ -27,33 +27,8 @@ import torch
 
 from lorabake import dtypes, file_copy
 from lorabake.errors import OutputError, WriterProtocolError
+from lorabake.outfile import TMP_MARKER, OutputFile, check_output_path  # noqa: F401 - re-exported
 from lorabake.st_header import encode_header
-
-TMP_MARKER = ".lorabake-tmp-"
-
-
-def temp_path_for(target: str) -> str:
-    folder, base = os.path.split(os.path.abspath(target))
-    return os.path.join(folder, f".{base}{TMP_MARKER}{os.getpid()}")
-
-
-def check_output_path(target: str, *, inputs: Iterable[str] = (), force: bool = False) -> None:
-    """Refuse an output that is an input, exists (without force), or has no writable folder."""
-    target_abs = os.path.abspath(target)
-    for src in inputs:
-        if os.path.exists(src) and os.path.exists(target_abs) and os.path.samefile(src, target_abs):
-            raise OutputError("output path is one of the inputs", path=target, hint="choose another -o")
-        if os.path.abspath(src) == target_abs:
-            raise OutputError("output path is one of the inputs", path=target, hint="choose another -o")
-    if os.path.isdir(target_abs):
-        raise OutputError("output path is a directory", path=target)
-    if os.path.exists(target_abs) and not force:
-        raise OutputError("output file exists", path=target, hint="pass --force to overwrite it")
-    folder = os.path.dirname(target_abs)
-    if not os.path.isdir(folder):
-        raise OutputError("output directory does not exist", path=folder)
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError("output directory is not writable", path=folder)
 
 
 class SafetensorsWriter:
@@ -92,7 +67,7 @@ class SafetensorsWriter:
                     f"{free} are free",
                     path=folder,
                 )
-        self.tmp = temp_path_for(self.target)
+        self._out = OutputFile(self.target, force=force)
         self._next = 0
         self._file = None
         self._sha_file = hashlib.sha256()
@@ -114,7 +89,7 @@ class SafetensorsWriter:
 
     def _open(self) -> None:
         try:
-            self._file = open(self.tmp, "wb")
+            self._file = self._out.create()
             prefix = struct.pack("<Q", len(self.header_bytes)) + self.header_bytes
             self._raw_write(prefix, data=False)
             if self._background_bytes > 0:
@@ -208,7 +183,7 @@ class SafetensorsWriter:
         self._next += 1
 
     def commit(self) -> None:
-        """Check completeness, fsync, rename onto the target, fsync the folder."""
+        """Check completeness, then fsync and make the file appear at the target (`OutputFile.commit`)."""
         if self._file is None:
             return
         try:
@@ -223,13 +198,11 @@ class SafetensorsWriter:
                 pipe.close()
             try:
                 self._file.flush()
-                os.fsync(self._file.fileno())
-                self._file.close()
+                self._file.close()  # the descriptor stays open with `_out`
                 self._file = None
-                os.replace(self.tmp, self.target)
             except OSError as exc:
                 raise _os_error(exc, self.target) from None
-            _fsync_dir(os.path.dirname(os.path.abspath(self.target)))
+            self._out.commit()
         except BaseException:
             self.abort()
             raise
@@ -247,10 +220,7 @@ class SafetensorsWriter:
             except OSError:
                 pass
             self._file = None
-        try:
-            os.unlink(self.tmp)
-        except FileNotFoundError:
-            pass
+        self._out.discard()
 
 
 class _Pipe:
@@ -333,15 +303,3 @@ def _os_error(exc: OSError, target: str) -> OutputError:
         return OutputError("disk full while writing the output", path=target)
     return OutputError(f"cannot write the output: {exc.strerror or exc}", path=target)
 
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

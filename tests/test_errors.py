@@ -352,16 +352,16 @@ def test_output_directory_read_only(tmp_path, good, monkeypatch):
 def test_refusal_after_the_checks_is_still_one_line(tmp_path, good, monkeypatch):
     """EACCES when the temp file is created (a permission change after the up-front check, or an
     ACL that `access` does not see): an OSError, still one line and nothing left behind."""
-    from lorabake import st_writer
+    from lorabake import outfile
 
-    def refuse(path, *args, **kwargs):
-        raise PermissionError(13, "Permission denied", path)
+    def refuse(folder, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", folder)
 
-    monkeypatch.setattr(st_writer, "open", refuse, raising=False)
+    monkeypatch.setattr(outfile, "_anonymous", refuse)
     base, lora = good
+    out = str(tmp_path / "o.safetensors")
     with untouched(tmp_path, os.path.dirname(base)):
-        one_error(run_main(["merge", base, "--lora", lora, "-o", str(tmp_path / "o.safetensors")]),
-                  ".o.safetensors.lorabake-tmp-", "Permission denied")
+        one_error(run_main(["merge", base, "--lora", lora, "-o", out]), out, "cannot create the output: Permission denied")
 
 
 def test_unexpected_exception_is_one_line_and_debug_shows_it(tmp_path, good, monkeypatch):

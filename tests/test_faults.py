@@ -1,9 +1,10 @@
 """Faults while writing: signals, SIGKILL, a full disk, too little free space; and determinism.
 
 The promise: whatever happens, nothing appears at the output path but a complete file, and no
-temporary file is left behind (SIGKILL cannot be caught: its leftover is recognisable by name,
-`.<output name>.lorabake-tmp-<pid>`). Signal tests run a real subprocess (~2-3 s each for the
-torch import), the rest run in-process with faults injected into `lorabake.st_writer`.
+temporary file is left behind (SIGKILL cannot be caught: where the filesystem has no anonymous
+files its leftover is recognisable by name, `.<output name>.lorabake-tmp-<pid>-<random>`). Signal
+tests run a real subprocess (~2-3 s each for the torch import), the rest run in-process with
+faults injected into `lorabake.outfile`.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ import types
 
 import pytest
 
-from lorabake import st_writer
+from lorabake import outfile, st_writer
 from tests.cli_helpers import ROOT, run_cli, run_main
 from tests.lorafix import make_lora, save_lora
 from tests.test_errors import SD1_META, STEM, TE_STEM, make_inputs, one_error, untouched
 
-TMP_NAME = re.compile(r"^\.(?P<target>.+)\.lorabake-tmp-(?P<pid>\d+)$")
+TMP_NAME = re.compile(r"^\.(?P<target>.+)\.lorabake-tmp-(?P<pid>\d+)-[0-9a-f]{16}$")
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +50,14 @@ def tuned(good):
 
 # -- signals (real subprocesses) -----------------------------------------------------------
 # Runs `lorabake.cli.main(argv)` with the writer paused after the first tensor: it flushes the
-# temp file, prints "ready" and sleeps, so the test can signal it mid-write.
+# temp file, prints "ready <bytes in it>" and sleeps, so the test can signal it mid-write.
+# LORABAKE_TEST_NAMED=1 makes the output file a named one, as on filesystems without O_TMPFILE.
 PAUSED_MERGE = r"""
-import signal, sys, time
+import os, signal, sys, time
 # a job started in the background may inherit SIGINT ignored; a user's Ctrl-C is not
 signal.signal(signal.SIGINT, signal.default_int_handler)
 import lorabake.cli
-from lorabake import st_writer
+from lorabake import outfile, st_writer
 
 real_write = st_writer.SafetensorsWriter.write
 real_copy = st_writer.SafetensorsWriter.copy_from  # unchanged tensors are copied, not written
@@ -63,7 +65,7 @@ real_copy = st_writer.SafetensorsWriter.copy_from  # unchanged tensors are copie
 def pause(self):
     if self._next == 1:
         self._file.flush()
-        print("ready", flush=True)
+        print("ready", os.fstat(self._file.fileno()).st_size, flush=True)
         time.sleep(120)
 
 def paused_write(self, name, data):
@@ -76,12 +78,16 @@ def paused_copy(self, name, fd, offset):
 
 st_writer.SafetensorsWriter.write = paused_write
 st_writer.SafetensorsWriter.copy_from = paused_copy
+if os.environ.get("LORABAKE_TEST_NAMED"):
+    outfile._anonymous = lambda folder: None
 lorabake.cli.main(sys.argv[1:])
 """
 
 
-def start_paused_merge(base: str, lora: str, out: str) -> subprocess.Popen:
+def start_paused_merge(base: str, lora: str, out: str, *, named: bool = False) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if named:
+        env["LORABAKE_TEST_NAMED"] = "1"
     argv = ["merge", base, "--lora", lora, "-o", out]
     proc = subprocess.Popen([sys.executable, "-c", PAUSED_MERGE, *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
@@ -91,20 +97,20 @@ def start_paused_merge(base: str, lora: str, out: str) -> subprocess.Popen:
         proc.kill()
         pytest.fail("the merge never reached its first tensor: " + proc.communicate()[1])
     line = proc.stdout.readline()
-    if line.strip() != "ready":
+    if not line.startswith("ready "):
         proc.kill()
         pytest.fail(f"expected 'ready', got {line!r}: " + proc.communicate()[1])
-    tmp = st_writer.temp_path_for(out).replace(str(os.getpid()), str(proc.pid))
-    assert os.path.getsize(tmp) > 1024, "the temp file should hold the header and a tensor by now"
+    assert int(line.split()[1]) > 1024, "the temp file should hold the header and a tensor by now"
     return proc
 
 
+@pytest.mark.parametrize("named", [False, True], ids=["anonymous", "named"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_interrupt_mid_write_leaves_nothing(tmp_path, good, sig):
+def test_interrupt_mid_write_leaves_nothing(tmp_path, good, sig, named):
     base, lora = good
     out = str(tmp_path / "out.safetensors")
     with untouched(tmp_path, os.path.dirname(base)):
-        proc = start_paused_merge(base, lora, out)
+        proc = start_paused_merge(base, lora, out, named=named)
         proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
@@ -115,11 +121,22 @@ def test_interrupt_mid_write_leaves_nothing(tmp_path, good, sig):
     assert os.listdir(tmp_path) == []
 
 
+def test_sigkill_leaves_nothing_with_an_anonymous_temp_file(tmp_path, good):
+    if outfile._anonymous(str(tmp_path)) is None:
+        pytest.skip("this filesystem has no O_TMPFILE")
+    base, lora = good
+    with untouched(tmp_path, os.path.dirname(base)):
+        proc = start_paused_merge(base, lora, str(tmp_path / "out.safetensors"))
+        proc.kill()
+        proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
 def test_sigkill_leaves_only_a_recognisable_temp_file(tmp_path, good):
     base, lora = good
     out = tmp_path / "out.safetensors"
     with untouched(os.path.dirname(base)):
-        proc = start_paused_merge(base, lora, str(out))
+        proc = start_paused_merge(base, lora, str(out), named=True)
         proc.kill()
         proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
@@ -128,7 +145,7 @@ def test_sigkill_leaves_only_a_recognisable_temp_file(tmp_path, good):
     assert len(leftovers) == 1
     m = TMP_NAME.match(leftovers[0])
     assert m and m["target"] == "out.safetensors" and int(m["pid"]) == proc.pid, leftovers
-    assert leftovers[0] == f".out.safetensors{st_writer.TMP_MARKER}{proc.pid}"
+    assert leftovers[0].startswith(f".out.safetensors{st_writer.TMP_MARKER}{proc.pid}-")
     # the leftover never blocks the next run, which writes a complete file beside it
     code, _, err = run_main(["merge", base, "--lora", lora, "-o", str(out), "--quiet"])
     assert code == 0, err
@@ -186,39 +203,46 @@ class _FullDisk:
         return getattr(self._fh, name)
 
 
+@pytest.mark.parametrize("named", [False, True], ids=["anonymous", "named"])
 @pytest.mark.parametrize("at", ["write", "flush"])
-def test_disk_full_while_writing(tmp_path, good, tuned, monkeypatch, at):
+def test_disk_full_while_writing(tmp_path, good, tuned, monkeypatch, at, named):
     opened = []
 
-    def full_open(path, mode="r", *args, **kwargs):
-        opened.append(path)
-        return _FullDisk(open(path, mode, *args, **kwargs), at=at)
+    def full_open(fd, mode="r", *args, **kwargs):
+        opened.append(fd)
+        return _FullDisk(open(fd, mode, *args, **kwargs), at=at)
 
-    monkeypatch.setattr(st_writer, "open", full_open, raising=False)
+    monkeypatch.setattr(outfile, "open", full_open, raising=False)
+    if named:
+        monkeypatch.setattr(outfile, "_anonymous", lambda folder: None)
     base, lora = good
     out = str(tmp_path / "o.safetensors")
     with untouched(tmp_path, os.path.dirname(base)):
         one_error(run_main(["merge", base, "--lora", lora, "-o", out]), out, "disk full")
         one_error(run_main(["extract", base, tuned, "-o", out, "--rank", "4"]), out, "disk full")
-    assert opened and all(TMP_NAME.match(os.path.basename(p)) for p in opened)
+    assert len(opened) == 2 and all(isinstance(fd, int) for fd in opened)
 
 
-def test_disk_full_when_creating_the_temp_file(tmp_path, good, monkeypatch):
-    def no_inode(path, *args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+@pytest.mark.parametrize("named", [False, True], ids=["anonymous", "named"])
+def test_disk_full_when_creating_the_temp_file(tmp_path, good, monkeypatch, named):
+    def no_inode(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(st_writer, "open", no_inode, raising=False)
+    monkeypatch.setattr(outfile, "_anonymous", no_inode if not named else lambda folder: None)
+    if named:
+        monkeypatch.setattr(outfile, "open", no_inode, raising=False)
     base, lora = good
+    out = str(tmp_path / "o.safetensors")
     with untouched(tmp_path, os.path.dirname(base)):
-        one_error(run_main(["merge", base, "--lora", lora, "-o", str(tmp_path / "o.safetensors")]),
-                  ".o.safetensors.lorabake-tmp-", "disk full", "free some space")
+        one_error(run_main(["merge", base, "--lora", lora, "-o", out]), out, "disk full", "free some space")
 
 
 def test_free_space_checked_before_writing(tmp_path, good, tuned, monkeypatch):
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 4096, 4096))
     opened = []
-    monkeypatch.setattr(st_writer, "open", lambda *a, **k: opened.append(a) or open(*a, **k), raising=False)
+    real_create = outfile.OutputFile.create
+    monkeypatch.setattr(outfile.OutputFile, "create", lambda self: opened.append(self) or real_create(self))
     base, lora = good
     out = str(tmp_path / "o.safetensors")
     with untouched(tmp_path, os.path.dirname(base)):

@@ -13,7 +13,7 @@ from safetensors.torch import save, save_file
 
 from lorabake.errors import OutputError, WriterProtocolError
 from lorabake.st_reader import SafetensorsReader
-from lorabake.st_writer import TMP_MARKER, SafetensorsWriter, temp_path_for
+from lorabake.st_writer import TMP_MARKER, SafetensorsWriter
 from tests.archfix import arch_tensors, build_checkpoint, select
 
 
@@ -86,7 +86,7 @@ def test_writer_rejects_undeclared_steps_and_leaves_nothing(tmp_path, bad):
         with SafetensorsWriter(out, [("a", "F32", (2,)), ("b", "F32", (2,))]) as w:
             w.write(*bad)
     assert not out.exists()
-    assert not os.path.exists(temp_path_for(str(out)))
+    assert os.listdir(tmp_path) == []
 
 
 def test_incomplete_write_and_interrupt_leave_nothing(tmp_path):
