@@ -12,7 +12,7 @@ import traceback
 
 import click
 
-from lorabake import __version__, interrupts
+from lorabake import __version__, interrupts, limits, stdio
 from lorabake.errors import LorabakeError, UsageError, from_os_error
 from lorabake.text import sanitize, to_json
 
@@ -51,8 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     checks, or a bug) is still one `Error:` line; `--debug` adds the traceback above it.
     SIGINT and SIGTERM from here on are one line and exit 130 (see `interrupts`).
     """
-    interrupts.install()
     try:
+        interrupts.install()
+        stdio.ensure_open()
         _run(argv)
     except (click.exceptions.Abort, KeyboardInterrupt, interrupts.Interrupted):
         _interrupted()
@@ -155,6 +156,8 @@ def _number(text: str) -> float | None:
         return None
     if not math.isfinite(value):
         raise UsageError(f"strength {text!r} is not a finite number")
+    if not limits.fits_fp32(value):
+        raise UsageError(f"strength {text!r} is outside what fp32 holds (±{limits.FP32_MAX:.4g}, smallest {limits.FP32_TINY:.4g})")
     return value
 
 
@@ -171,9 +174,11 @@ def _number(text: str) -> float | None:
 @click.option("--allow-unmatched", is_flag=True, help="Bake the modules that fit even if some match nothing.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON document.")
-@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file (a regular file or symlink).")
+@click.option("--saturate", is_flag=True,
+              help="Clamp baked values beyond the output dtype's range to its largest value (listed) instead of failing.")
 @click.option("--quiet", is_flag=True, help="Print only errors.")
-def merge(base, loras, output, dtype, device, rounding, allow_unmatched, dry_run, as_json, force, quiet):
+def merge(base, loras, output, dtype, device, rounding, allow_unmatched, dry_run, as_json, force, saturate, quiet):
     """Bake LoRAs into BASE: W' = W + Σ strength · scale · ΔW, streamed tensor by tensor."""
     from lorabake import ops, render
 
@@ -190,14 +195,16 @@ def merge(base, loras, output, dtype, device, rounding, allow_unmatched, dry_run
         allow_unmatched=allow_unmatched,
         dry_run=dry_run,
         force=force,
+        saturate=saturate,
     )
     show_progress = not (quiet or as_json or dry_run) and sys.stderr.isatty()
     with render.progress_bar(enabled=show_progress) as progress:
         result = ops.merge(opts, progress=progress.advance, on_plan=progress.start_for)
-    if as_json:
-        click.echo(to_json(render.merge_json(result)))
-    elif not quiet:
-        render.print_merge(result)
+    with stdio.report():
+        if as_json:
+            click.echo(to_json(render.merge_json(result)))
+        elif not quiet:
+            render.print_merge(result)
 
 
 # -- inspect -------------------------------------------------------------------------------
@@ -212,10 +219,11 @@ def inspect(files, as_json, with_hash, against):
     from lorabake import render
 
     reports = [inspecting.inspect_file(path, with_hash=with_hash, against=against) for path in files]
-    if as_json:
-        click.echo(to_json({"files": reports}))
-    else:
-        render.print_inspect(reports)
+    with stdio.report():
+        if as_json:
+            click.echo(to_json({"files": reports}))
+        else:
+            render.print_inspect(reports)
 
 
 # -- extract -------------------------------------------------------------------------------
@@ -264,10 +272,11 @@ def extract(base, tuned, output, rank, conv_rank, rank_mode, rank_param, alpha, 
     show_progress = not (quiet or as_json) and sys.stderr.isatty()
     with render.progress_bar(enabled=show_progress, label="extracting") as progress:
         result = extracting.extract(opts, progress=progress.advance, on_start=progress.start_total)
-    if as_json:
-        click.echo(to_json(extracting.extract_json(result)))
-    elif not quiet:
-        render.print_extract(extracting.extract_json(result))
+    with stdio.report():
+        if as_json:
+            click.echo(to_json(extracting.extract_json(result)))
+        elif not quiet:
+            render.print_extract(extracting.extract_json(result))
 
 
 # -- bake ----------------------------------------------------------------------------------
@@ -302,16 +311,18 @@ def bake(recipe, shard, device, fan_out, dry_run, as_json, force, quiet):
     events = events or (batch_render.PlainEvents() if not quiet_run else batch.BatchEvents())
     try:
         report = batch.run_batch(opts, events=events)
-    except (KeyboardInterrupt, _Interrupted):
+    except (KeyboardInterrupt, interrupts.Interrupted):
+        interrupts.ignore()
         click.echo("Interrupted: finished outputs are whole, the one in progress was removed; "
                    "run the same command again to finish.", err=True)
         raise click.exceptions.Exit(130) from None
     finally:
         getattr(events, "stop", lambda: None)()
-    if as_json:
-        click.echo(json.dumps(batch_render.batch_json(report), indent=2))
-    elif not quiet:
-        batch_render.print_batch(report)
+    with stdio.report():
+        if as_json:
+            click.echo(to_json(batch_render.batch_json(report)))
+        elif not quiet:
+            batch_render.print_batch(report)
 
 
 # -- combine / resize ----------------------------------------------------------------------
@@ -331,11 +342,12 @@ def _run_loratool(command, specs, output, rank, rank_mode, rank_param, dtype, as
     opts = loratools.ToolOptions(inputs=tuple(specs), output=output, rank=rank, rank_mode=rank_mode,
                                  rank_param=rank_param, dtype=dtype, force=force, command=command)
     result = loratools.run(opts)
-    if as_json:
-        click.echo(json.dumps(loratools.result_json(result), indent=2))
-    elif not quiet:
-        for line in loratools.summary_lines(result):
-            click.echo(sanitize(line))
+    with stdio.report():
+        if as_json:
+            click.echo(to_json(loratools.result_json(result)))
+        elif not quiet:
+            for line in loratools.summary_lines(result):
+                click.echo(sanitize(line))
 
 
 def _loratool_options(fn):
@@ -370,4 +382,6 @@ def combine(loras, output, rank, rank_mode, rank_param, dtype, as_json, force, q
 @_loratool_options
 def resize(lora, output, rank, rank_mode, rank_param, dtype, as_json, force, quiet):
     """Shrink a LoRA's rank optimally (truncated SVD of each module's exact product), reporting the error."""
+    from lorabake.plan import LoraSpec
+
     _run_loratool("resize", [LoraSpec(lora)], output, rank, rank_mode, rank_param, dtype, as_json, force, quiet)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -167,6 +168,8 @@ def extract(
                 sum(base.tensors[k].nbytes + tuned.tensors[k].nbytes for k in _keys_in_order(base, jobs))
             )
         _factorize_all(base, tuned, jobs, opts, out_tag, device, result, progress)
+        base.verify_unchanged()  # after the last read: the factors come from one version of each file
+        tuned.verify_unchanged()
     if not result.modules:
         raise MatchError(
             "the two checkpoints do not differ in any selected module: nothing to extract",
@@ -201,6 +204,9 @@ def validate_options(opts: ExtractOptions) -> str:
             raise UsageError(f"--rank-param for {opts.rank_mode} must be in (0, 1]")
     if opts.alpha is not None and not opts.alpha > 0.0:
         raise UsageError("--alpha must be positive")
+    stored = None if opts.alpha is None else stored_alpha(opts.alpha, dtypes.torch_dtype(dtypes.CLI_NAMES[opts.dtype]))
+    if stored is not None and not (math.isfinite(stored) and stored > 0.0):
+        raise UsageError(f"--alpha {opts.alpha:g} is {stored:g} in {opts.dtype}", hint="choose an alpha the output dtype holds")
     if opts.clamp_quantile is not None and not 0.0 < opts.clamp_quantile <= 1.0:
         raise UsageError("--clamp-quantile must be in (0, 1]")
     if opts.min_diff < 0.0:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections import Counter
 
@@ -152,14 +153,14 @@ def top_tags(metadata: dict[str, str]) -> list[list]:
         return []
     try:
         doc = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # a display nicety: unreadable tags are no tags
         return []
     total: Counter = Counter()
     if isinstance(doc, dict):
         for tags in doc.values():
             if isinstance(tags, dict):
                 for tag, count in tags.items():
-                    if isinstance(count, (int, float)):
+                    if isinstance(count, int) or (isinstance(count, float) and math.isfinite(count)):
                         total[str(tag).strip()] += int(count)
     return [[tag, count] for tag, count in total.most_common(TOP_TAGS)]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import threading
 from collections.abc import Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -46,6 +47,8 @@ def install() -> None:
     """Route SIGINT and SIGTERM to `Interrupted`; forget what an earlier run in this process saw."""
     _State.depth, _State.pending, _State.raised = 0, None, False
     _State.written = []
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread may set handlers (main() called from a worker thread)
     for signum in SIGNALS:
         signal.signal(signum, _handler)
 

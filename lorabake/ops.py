@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lorabake import __version__, bake_kernel, delta, devices, dtypes, rounding
+from lorabake import __version__, bake_kernel, delta, devices, dtypes, finite, rounding
 from lorabake.errors import InputError, MatchError, UsageError
 from lorabake.lora_data import LoraData
 from lorabake.plan import BIAS_PARTS, LoraSpec, MergePlan, PlannedPatch, plan_merge
@@ -47,6 +47,7 @@ class MergeOptions:
     allow_unmatched: bool = False
     dry_run: bool = False
     force: bool = False
+    saturate: bool = False  # clamp values beyond the output dtype's range (reported) instead of failing
     readahead_bytes: int = DEFAULT_READAHEAD
     lora_cache_bytes: int = DEFAULT_LORA_CACHE
     # Written last into the output's metadata (a recipe's entry, its hash, input fingerprints).
@@ -65,6 +66,7 @@ class MergeResult:
     seconds: float = 0.0
     lora_data_sha256: list[str] = field(default_factory=list)
     lost: dict[str, float] = field(default_factory=dict)  # tensor -> fraction of its delta lost to rounding
+    saturated: dict[str, float] = field(default_factory=dict)  # tensor -> largest |value| clamped (--saturate)
 
     @property
     def autov2(self) -> str | None:
@@ -100,6 +102,7 @@ def merge(opts: MergeOptions, *, progress: Progress | None = None, on_plan: Call
             return result
         lora_data = LoraData(opts.lora_cache_bytes)
         result.lora_data_sha256 = [lora_data.verify(lp.reader, lp.lora) for lp in plan.loras]
+        finite.check_scales(plan)
         _write_merged(opts, plan, out_tag, device, result, progress, lora_data)
         return result
     finally:
@@ -244,7 +247,7 @@ class _Baker:
         return bake_kernel.FloatRows(stored, dtypes.torch_dtype(tag), rounding_mode=self.opts.rounding, seed_key=name)
 
     def _bake(self, name: str, buf: bytearray | memoryview, patches: list[PlannedPatch], tag: str) -> torch.Tensor:
-        codec = self.codec(name, buf, tag)
+        codec = finite.Guarded(self.codec(name, buf, tag), tag, tensor=name, sources=finite.lora_paths(self.plan, name) or [self.plan.base.path], saturated=self.result.saturated if self.opts.saturate else None)
         math_patches = [self._math_patch(p) for p in patches]
         lost = bake_kernel.bake_tensor(codec, math_patches, device=self.device, pool=self.pool, workers=self.workers)
         if patches:
@@ -280,6 +283,7 @@ class _Baker:
         scale = to_tensor(buf, base.tensors[name]) if name == scale_key else base.read(scale_key)
         w32 = rounding.dequantize(codes.to(self.device), scale.to(self.device))
         new32 = delta.apply_patches(w32, [self._math_patch(p) for p in self.plan.patches[weight]])
+        finite.guard(new32, "F32", tensor=weight, sources=finite.lora_paths(self.plan, weight), base32=w32)
         new_codes, new_scale = rounding.quantize_scaled(
             new32, base.tensors[weight].dtype, scale_like=scale, mode=self.opts.rounding, seed_key=weight
         )
@@ -319,7 +323,8 @@ def _write_merged(
     # Pipeline: read-ahead thread -> compute (row blocks on one thread per core) -> writer thread
     # (write + file hash) and a data-hash thread, so the copy and both SHA-256 passes overlap the compute.
     with _compute_threads(device) as (pool, workers), SafetensorsWriter(
-        opts.output, entries, meta, inputs=inputs, force=opts.force, background_bytes=WRITE_QUEUE_BYTES
+        opts.output, entries, meta, inputs=inputs, force=opts.force, background_bytes=WRITE_QUEUE_BYTES,
+        sources=[base, *(lp.reader for lp in plan.loras)],
     ) as writer:
         baker.pool, baker.workers = pool, workers
         # unchanged tensors are copied file to file by the kernel; only the others are read

@@ -138,6 +138,8 @@ def merge_json(result) -> dict:
             # per targeted tensor: 1 − ⟨realised, intended⟩/‖intended‖² (rounding.lost_fraction)
             "per_tensor": {k: result.lost[k] for k in sorted(result.lost)},
         },
+        # --saturate: tensor -> the largest |value| clamped to the output dtype's range (null: Inf)
+        "saturated": {k: result.saturated[k] for k in sorted(result.saturated)},
     }
 
 
@@ -171,6 +173,10 @@ def print_merge(result) -> None:
     _out(f"  largest fraction of a delta lost to rounding: {lost['max']:.3g}")
     if lost["tensors_over_5_percent"]:
         _out(f"  {len(lost['tensors_over_5_percent'])} tensors lost over 5% of their delta (try --rounding stochastic or a wider --dtype)")
+    if doc["saturated"]:
+        _out(f"  {len(doc['saturated'])} tensors had values clamped to the output dtype's range (--saturate):")
+        for name, peak in list(doc["saturated"].items())[:20]:
+            _out(f"    {_one(name)}: largest |value| {peak:.4g}")
     _out(f"  sha256: {doc['sha256']}  AutoV2: {doc['autov2']}")
     _out(f"  {doc['bytes_written']} bytes in {doc['seconds']:.2f} s")
 

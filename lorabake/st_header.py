@@ -6,16 +6,20 @@ Every rule the format implies is checked here, so the reader and writer can trus
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 
 from lorabake import dtypes
-from lorabake.errors import HeaderError
+from lorabake.errors import HeaderError, InputError, LorabakeError
 
 # Same cap as the safetensors library: a larger header is refused before it is read.
 MAX_HEADER_BYTES = 100_000_000
+# safetensors stores shapes and offsets as u64 (usize): anything larger is no real file.
+MAX_UINT = 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,20 @@ class TensorInfo:
         return n
 
 
+@dataclass(frozen=True)
+class Identity:
+    """What says a file is still the one whose header we read: checked again after the last read."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Identity:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 @dataclass
 class Header:
     path: str
@@ -48,6 +66,7 @@ class Header:
     data_offset: int  # absolute file offset of the data section
     file_size: int
     header_bytes: bytes = field(repr=False, default=b"")
+    identity: Identity | None = None
 
     @property
     def data_size(self) -> int:
@@ -68,15 +87,44 @@ class _Duplicate(Exception):
         self.key = key
 
 
+def open_regular(path: str) -> int:
+    """A read-only descriptor of `path`, refused unless it is a regular file: a FIFO or device
+    would block or never end (O_NONBLOCK: opening a FIFO does not wait for a writer)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise InputError(f"is {kind}; only regular files are read", path=path)
+        if flags & getattr(os, "O_NONBLOCK", 0):
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def read_header(path: str | os.PathLike) -> Header:
     """Open `path`, read and validate its header. Raises `HeaderError` naming the problem."""
     path = os.fspath(path)
-    with open(path, "rb") as fh:
-        file_size = os.fstat(fh.fileno()).st_size
+    fd = open_regular(path)
+    try:
+        return read_header_fd(fd, path)
+    finally:
+        os.close(fd)
+
+
+def read_header_fd(fd: int, path: str) -> Header:
+    """The header of the open regular file `fd` (named `path` in errors), with its `Identity`."""
+    with os.fdopen(fd, "rb", closefd=False) as fh:
+        st = os.fstat(fd)
+        file_size = st.st_size
         if file_size == 0:
             raise HeaderError("file is empty, not a safetensors file", path=path)
         if file_size < 8:
             raise HeaderError(f"file is {file_size} bytes, shorter than the 8-byte header length", path=path)
+        fh.seek(0)
         head = fh.read(8)
         (header_len,) = struct.unpack("<Q", head)
         if header_len > MAX_HEADER_BYTES or 8 + header_len > file_size:
@@ -95,8 +143,12 @@ def read_header(path: str | os.PathLike) -> Header:
             raise HeaderError(
                 f"header length {header_len} runs past the end of the {file_size}-byte file", path=path
             )
+        fh.seek(8)
         raw = fh.read(header_len)
-    return parse_header(raw, path=path, file_size=file_size)
+    if len(raw) != header_len:
+        raise HeaderError("file ended while reading the header (was it truncated after opening?)", path=path)
+    header = parse_header(raw, path=path, file_size=file_size)
+    return dataclasses.replace(header, identity=Identity.of(st))
 
 
 # Magic numbers of formats people rename to .safetensors by mistake. Only consulted once the
@@ -118,6 +170,26 @@ def _foreign_format(head: bytes) -> str | None:
     return None
 
 
+def parse_json(text: str | bytes, *, what: str, path: str, error: type[LorabakeError] = HeaderError, **kwargs) -> object:
+    """`json.loads` for text from a file: every way it can fail is one `error` naming the file.
+
+    Nesting deeper than the interpreter's recursion limit (~1000 levels; real headers nest 3)
+    is refused as such; an integer of over 4300 digits is refused by Python's own cap."""
+    try:
+        return json.loads(text, **kwargs)
+    except json.JSONDecodeError as exc:
+        raise error(f"{what} is not valid JSON ({exc.msg} at char {exc.pos})", path=path) from None
+    except RecursionError:
+        raise error(f"{what} is JSON nested too deeply (over the parser's depth cap)", path=path) from None
+    except ValueError as exc:  # int() over sys.get_int_max_str_digits() digits
+        detail = "an integer with too many digits" if "digits" in str(exc) else str(exc)
+        raise error(f"{what} is not valid JSON ({detail})", path=path) from None
+
+
+def _surrogate(text: str) -> bool:
+    return any("\ud800" <= c <= "\udfff" for c in text)
+
+
 def parse_header(raw: bytes, *, path: str, file_size: int) -> Header:
     """Validate header bytes `raw` of a file of `file_size` bytes."""
     try:
@@ -125,11 +197,9 @@ def parse_header(raw: bytes, *, path: str, file_size: int) -> Header:
     except UnicodeDecodeError as exc:
         raise HeaderError(f"header is not valid UTF-8 (byte {exc.start})", path=path) from None
     try:
-        doc = json.loads(text, object_pairs_hook=_reject_duplicates)
+        doc = parse_json(text, what="header", path=path, object_pairs_hook=_reject_duplicates)
     except _Duplicate as dup:
         raise HeaderError("header names this tensor twice", path=path, tensor=dup.key) from None
-    except json.JSONDecodeError as exc:
-        raise HeaderError(f"header is not valid JSON ({exc.msg} at char {exc.pos})", path=path) from None
     if not isinstance(doc, dict):
         raise HeaderError(f"header is a JSON {type(doc).__name__}, not an object", path=path)
 
@@ -142,6 +212,14 @@ def parse_header(raw: bytes, *, path: str, file_size: int) -> Header:
                 f"__metadata__ value for {key!r} is a {type(value).__name__}, not a string", path=path
             )
 
+    if "\\ud" in text or "\\uD" in text:  # \uD800-\uDFFF escapes: UTF-8 cannot hold them
+        for name in [*doc, *metadata, *metadata.values()]:
+            if _surrogate(name):
+                raise HeaderError(
+                    f"header holds a lone surrogate in \"{name.encode('utf-8', 'backslashreplace').decode()}\", "
+                    "which is not valid Unicode",
+                    path=path,
+                )
     data_offset = 8 + len(raw)
     data_size = file_size - data_offset
     infos = [_entry(name, entry, path) for name, entry in doc.items()]
@@ -191,14 +269,14 @@ def _entry(name: str, entry: object, path: str) -> TensorInfo:
     if not isinstance(tag, str) or tag not in dtypes.BY_TAG:
         raise HeaderError(f"unknown dtype {tag!r}", path=path, tensor=name)
     if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
-        raise HeaderError(f"shape {shape!r} is not a list of non-negative integers", path=path, tensor=name)
+        raise HeaderError(f"shape {_short(shape)} is not a list of integers in [0, 2^64)", path=path, tensor=name)
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(_is_uint(o) for o in offsets)
         or offsets[0] > offsets[1]
     ):
-        raise HeaderError(f"data_offsets {offsets!r} is not [begin, end] with begin <= end", path=path, tensor=name)
+        raise HeaderError(f"data_offsets {_short(offsets)} is not [begin, end] with begin <= end", path=path, tensor=name)
     extra = set(entry) - {"dtype", "shape", "data_offsets"}
     if extra:
         raise HeaderError(f"unexpected header fields {sorted(extra)}", path=path, tensor=name)
@@ -206,15 +284,21 @@ def _entry(name: str, entry: object, path: str) -> TensorInfo:
     expected = dtypes.nbytes(tag, info.shape)
     if expected != info.nbytes:
         raise HeaderError(
-            f"shape {list(info.shape)} of {tag} needs {expected} bytes but its span holds {info.nbytes}",
+            f"shape {_short(list(info.shape))} of {tag} needs {_short(expected)} bytes but its span holds {info.nbytes}",
             path=path,
             tensor=name,
         )
     return info
 
 
+def _short(value: object, limit: int = 80) -> str:
+    """repr of a header value, cut: a hostile one may be megabytes long."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def _is_uint(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_UINT
 
 
 def encode_header(

@@ -7,7 +7,6 @@ memory at the largest tensor (plus the read-ahead budget).
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import threading
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from lorabake import dtypes
 from lorabake.errors import HeaderError, InputError
-from lorabake.st_header import Header, TensorInfo, read_header
+from lorabake.st_header import Header, Identity, TensorInfo, open_regular, parse_json, read_header_fd
 
 if TYPE_CHECKING:  # torch is imported where a tensor is made, so header-only commands run without it
     import torch
@@ -40,6 +39,8 @@ def check_input_path(path: str) -> None:
         raise InputError(
             "is a directory without a *.safetensors.index.json or diffusers model_index.json", path=path
         )
+    if not os.path.isfile(path):  # a FIFO would block, a device never end; refused before opening
+        raise InputError("is not a regular file (a FIFO, device or socket); only regular files are read", path=path)
 
 
 @dataclass(frozen=True)
@@ -63,16 +64,11 @@ class SafetensorsReader:
         self._where: dict[str, Located] = {}
         self.headers: list[Header] = []
         self.layout = "file"
-        for prefix, shard in _shards_of(self.path):
-            header = read_header(shard)
-            self.headers.append(header)
-            for name, info in header.tensors.items():
-                logical = prefix + name
-                if logical in self._where:
-                    raise HeaderError(
-                        "tensor appears in two shards", path=shard, tensor=logical
-                    )
-                self._where[logical] = Located(header, info)
+        try:
+            self._open_shards()
+        except BaseException:
+            self.close()
+            raise
         if os.path.isdir(self.path):
             self.layout = "diffusers" if _diffusers_components(self.path) else "sharded"
         elif self.path.endswith(".index.json"):
@@ -82,6 +78,23 @@ class SafetensorsReader:
         if len(self.headers) > 1:
             for h in self.headers:
                 self.metadata.update(h.metadata)
+
+    def _open_shards(self) -> None:
+        """Open every shard once (regular files only) and keep it open: data is read through the
+        descriptor whose header was read, and `verify_unchanged` compares it with what it was."""
+        for prefix, shard in _shards_of(self.path):
+            if shard in self._fds:
+                raise HeaderError("the same shard is listed twice", path=shard)
+            self._fds[shard] = open_regular(shard)
+            header = read_header_fd(self._fds[shard], shard)
+            self.headers.append(header)
+            for name, info in header.tensors.items():
+                logical = prefix + name
+                if logical in self._where:
+                    raise HeaderError(
+                        "tensor appears in two shards", path=shard, tensor=logical
+                    )
+                self._where[logical] = Located(header, info)
 
     # -- sizes ---------------------------------------------------------------------------
     @property
@@ -99,9 +112,25 @@ class SafetensorsReader:
     def _fd(self, path: str) -> int:
         fd = self._fds.get(path)
         if fd is None:
-            fd = os.open(path, os.O_RDONLY)
-            self._fds[path] = fd
+            raise InputError("read after the reader was closed", path=path)
         return fd
+
+    def verify_unchanged(self) -> None:
+        """Every shard is still the file whose header was read: same device, inode, size and
+        modification time, through the open descriptor and at its path. Call it after the last
+        read, before an output is committed: a file rewritten meanwhile gave a mix of bytes."""
+        for header in self.headers:
+            now = [Identity.of(os.fstat(self._fd(header.path)))]
+            try:
+                now.append(Identity.of(os.stat(header.path)))
+            except OSError:
+                now.append(None)
+            if any(n != header.identity for n in now):
+                raise InputError(
+                    "changed while it was being read (size, inode or modification time differ); nothing was written",
+                    path=header.path,
+                    hint="do not modify or replace inputs while lorabake reads them",
+                )
 
     def read_bytes(self, name: str) -> bytearray:
         """The raw bytes of tensor `name`, in a buffer of its own."""
@@ -239,6 +268,7 @@ def _prefetch(reader: SafetensorsReader, names: list[str], budget: int) -> Itera
 
 # -- sharded and folder layouts ------------------------------------------------------------
 _DIFFUSERS_WEIGHT_FILES = ("diffusion_pytorch_model", "model")
+MAX_INDEX_BYTES = 100_000_000  # the header cap: an index lists no more than a header would
 
 
 def _diffusers_components(folder: str) -> list[str]:
@@ -262,12 +292,19 @@ def _weights_in(folder: str) -> str | None:
 
 
 def _index_shards(index_path: str) -> list[str]:
+    fd = open_regular(index_path)
     try:
-        with open(index_path, encoding="utf-8") as fh:
-            doc = json.load(fh)
+        with os.fdopen(fd, "rb") as fh:
+            raw = fh.read(MAX_INDEX_BYTES + 1)
+    except OSError as exc:
+        raise HeaderError(f"not a valid safetensors index ({exc.strerror})", path=index_path) from None
+    if len(raw) > MAX_INDEX_BYTES:
+        raise HeaderError(f"index is over {MAX_INDEX_BYTES} bytes", path=index_path)
+    doc = parse_json(raw, what="index", path=index_path)
+    try:
         weight_map = doc["weight_map"]
         files = list(dict.fromkeys(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (KeyError, TypeError, AttributeError) as exc:
         raise HeaderError(f"not a valid safetensors index ({exc})", path=index_path) from None
     folder = os.path.dirname(index_path)
     shards = []

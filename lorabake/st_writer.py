@@ -41,11 +41,15 @@ class SafetensorsWriter:
         metadata: dict[str, str] | None = None,
         *,
         inputs: Iterable[str] = (),
+        sources: Iterable[object] = (),
         force: bool = False,
         check_space: bool = True,
         background_bytes: int = 0,
     ) -> None:
+        """`sources`: the open readers this output is made from; at commit each must still be
+        the file it was when read (`verify_unchanged`), else nothing is written."""
         self.target = os.fspath(target)
+        self._sources = list(sources)
         check_output_path(self.target, inputs=inputs, force=force)
         names = [e[0] for e in entries]
         if len(set(names)) != len(names):
@@ -202,6 +206,8 @@ class SafetensorsWriter:
                 self._file = None
             except OSError as exc:
                 raise _os_error(exc, self.target) from None
+            for source in self._sources:
+                source.verify_unchanged()
             self._out.commit()
         except BaseException:
             self.abort()

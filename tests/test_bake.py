@@ -198,8 +198,8 @@ def test_killed_batch_reruns_to_completion_with_no_partial_file(baked, tmp_path)
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             names = os.listdir(out_dir) if out_dir.exists() else []
-            if any(".lorabake-tmp-" in n for n in names) and any(n.endswith(".safetensors") and not n.startswith(".")
-                                                                for n in names):
+            # the first finished output: the next job is under way (its temp file may be anonymous, O_TMPFILE)
+            if any(n.endswith(".safetensors") and not n.startswith(".") for n in names):
                 break
             time.sleep(0.002)
     finally:
