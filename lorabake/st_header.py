@@ -22,7 +22,7 @@ MAX_HEADER_BYTES = 100_000_000
 MAX_UINT = 2**64 - 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorInfo:
     """One tensor's header entry. `start`/`end` are offsets into the data section."""
 
@@ -74,11 +74,10 @@ class Header:
 
 
 def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    seen: dict[str, object] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise _Duplicate(key)
-        seen[key] = value
+    seen = dict(pairs)  # C speed: a header of 10^6 tensors calls this 10^6 times
+    if len(seen) != len(pairs):
+        names = [k for k, _ in pairs]
+        raise _Duplicate(next(k for k in names if names.count(k) > 1))
     return seen
 
 
@@ -260,35 +259,56 @@ def parse_header(raw: bytes, *, path: str, file_size: int) -> Header:
     )
 
 
+_FIELDS = {"dtype": None, "shape": None, "data_offsets": None}.keys()
+
+
 def _entry(name: str, entry: object, path: str) -> TensorInfo:
+    # The common case first, in few steps (10^6 entries must parse in seconds); any doubt goes
+    # to `_entry_fault`, which says exactly what is wrong.
+    if type(entry) is dict and entry.keys() == _FIELDS:
+        tag, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if (
+            type(tag) is str
+            and tag in dtypes.BY_TAG
+            and type(shape) is list
+            and all(type(d) is int and 0 <= d <= MAX_UINT for d in shape)
+            and type(offsets) is list
+            and len(offsets) == 2
+            and type(offsets[0]) is int
+            and type(offsets[1]) is int
+            and 0 <= offsets[0] <= offsets[1] <= MAX_UINT
+            and dtypes.nbytes(tag, shape) == offsets[1] - offsets[0]
+        ):
+            return TensorInfo(name, tag, tuple(shape), offsets[0], offsets[1])
+    raise _entry_fault(name, entry, path)
+
+
+def _entry_fault(name: str, entry: object, path: str) -> HeaderError:
     if not isinstance(entry, dict):
-        raise HeaderError("header entry is not an object", path=path, tensor=name)
+        return HeaderError("header entry is not an object", path=path, tensor=name)
     tag = entry.get("dtype")
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
     if not isinstance(tag, str) or tag not in dtypes.BY_TAG:
-        raise HeaderError(f"unknown dtype {tag!r}", path=path, tensor=name)
+        return HeaderError(f"unknown dtype {_short(tag)}", path=path, tensor=name)
     if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
-        raise HeaderError(f"shape {_short(shape)} is not a list of integers in [0, 2^64)", path=path, tensor=name)
+        return HeaderError(f"shape {_short(shape)} is not a list of integers in [0, 2^64)", path=path, tensor=name)
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(_is_uint(o) for o in offsets)
         or offsets[0] > offsets[1]
     ):
-        raise HeaderError(f"data_offsets {_short(offsets)} is not [begin, end] with begin <= end", path=path, tensor=name)
+        return HeaderError(f"data_offsets {_short(offsets)} is not [begin, end] with begin <= end", path=path, tensor=name)
     extra = set(entry) - {"dtype", "shape", "data_offsets"}
     if extra:
-        raise HeaderError(f"unexpected header fields {sorted(extra)}", path=path, tensor=name)
-    info = TensorInfo(name, tag, tuple(shape), offsets[0], offsets[1])
-    expected = dtypes.nbytes(tag, info.shape)
-    if expected != info.nbytes:
-        raise HeaderError(
-            f"shape {_short(list(info.shape))} of {tag} needs {_short(expected)} bytes but its span holds {info.nbytes}",
-            path=path,
-            tensor=name,
-        )
-    return info
+        return HeaderError(f"unexpected header fields {_short(sorted(extra))}", path=path, tensor=name)
+    expected = dtypes.nbytes(tag, tuple(shape))
+    return HeaderError(
+        f"shape {_short(shape)} of {tag} needs {_short(expected)} bytes but its span holds {offsets[1] - offsets[0]}",
+        path=path,
+        tensor=name,
+    )
 
 
 def _short(value: object, limit: int = 80) -> str:

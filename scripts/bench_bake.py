@@ -161,12 +161,11 @@ def count_reads(recipe: str) -> dict[str, float]:
 def kill_and_rerun(recipe: str, out_dir: str) -> dict:
     proc = cli(["bake", recipe])
     finished: list[str] = []
-    partial = False
     while proc.poll() is None:
         names = outputs(out_dir)
         finished = [n for n in names if not n.startswith(".")]
-        partial = any(".lorabake-tmp-" in n for n in names)
-        if finished and partial:
+        # an output is finished, so the next is being written (its temp file may be anonymous, O_TMPFILE)
+        if finished:
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.002)
