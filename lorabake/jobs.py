@@ -139,7 +139,7 @@ def recipe_from_metadata(metadata: dict[str, str]) -> dict | None:
     try:
         entry = json.loads(raw)
         inputs = json.loads(metadata.get(INPUTS_KEY, "[]"))
-    except ValueError:
+    except (ValueError, RecursionError):  # metadata from a file: nested beyond the parser's cap too
         return {"entry": None, "sha256": metadata.get(RECIPE_HASH_KEY), "inputs": [], "matches": False}
     recorded = metadata.get(RECIPE_HASH_KEY)
     matches = isinstance(entry, dict) and recorded == entry_sha256(entry)

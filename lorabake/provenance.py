@@ -77,7 +77,7 @@ def existing_output(job: Job, prints: list[dict]) -> Existing:
         return Existing("other", "it was made by a different recipe entry")
     try:
         recorded = json.loads(meta.get(INPUTS_KEY, "null"))
-    except ValueError:
+    except (ValueError, RecursionError):
         recorded = None
     if recorded != prints:
         return Existing("other", "its inputs have changed since")
