@@ -81,6 +81,10 @@ def test_deep_or_hostile_metadata_json(tmp_path, good):
     tags = {"ss_tag_frequency": '{"d": ' + DEEP + "}"}
     lora = save_lora(str(tmp_path / "tags2.safetensors"), make_lora([(STEM, 320, 320)], rank=4), SD1_META | tags)
     assert run_main(["inspect", lora])[0] == 0
+    recipe = {"lorabake.recipe": '{"a": ' + DEEP + "}", "lorabake.recipe_sha256": "0" * 64, "lorabake.inputs": DEEP}
+    made = save_lora(str(tmp_path / "made.safetensors"), make_lora([(STEM, 320, 320)], rank=4), SD1_META | recipe)
+    code, out, err = run_main(["inspect", made])
+    assert code == 0 and "Error" not in err, err
 
 
 def test_fifo_input_is_refused_before_reading(tmp_path, good):
