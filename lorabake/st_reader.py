@@ -43,7 +43,7 @@ def check_input_path(path: str) -> None:
         raise InputError("is not a regular file (a FIFO, device or socket); only regular files are read", path=path)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Located:
     """Where one logical tensor lives: the shard's header and the entry in it."""
 
