@@ -46,7 +46,7 @@ class RichEvents(BatchEvents):
     def __init__(self) -> None:
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-            TimeRemainingColumn(), console=Console(stderr=True), transient=True,
+            TimeRemainingColumn(), console=Console(stderr=True, emoji=False), transient=True,
         )
         self.batch = None
         self.base = None
@@ -132,7 +132,7 @@ def print_batch(report: BatchReport) -> None:
         for j in doc["jobs"]:
             table.add_row(_esc(j["output"]), _status(j), _modules(j), str(j["tensors_changed"]),
                           f"{j['seconds']:.1f}", _size(j["bytes_written"]), j["autov2"] or "")
-        Console().print(table)
+        Console(emoji=False).print(table)  # a `:skull:` in a file name is text
     else:
         print(f"{head}:")
         for j in doc["jobs"]:
