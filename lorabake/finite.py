@@ -11,6 +11,8 @@ The common case costs one min/max reduction over the tensor.
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Callable
 
 import torch
 
@@ -39,12 +41,13 @@ def guard(
     *,
     tensor: str,
     sources: list[str],
-    base32: torch.Tensor | None = None,
+    base32: torch.Tensor | Callable[[], torch.Tensor] | None = None,
     saturated: dict[str, float] | None = None,
 ) -> None:
     """Raise `RangeError` if `x32` (about to be encoded as `tag`) holds a value its output cannot;
-    non-finite positions of `base32` (the input, where there is one) are the input's own.
-    With `saturated`, clamp in place instead and record the largest magnitude under `tensor`."""
+    non-finite positions of `base32` (the input, or a function giving it: only needed when
+    something is off) are the input's own. With `saturated`, clamp in place instead and record
+    the largest magnitude under `tensor`."""
     if x32.numel() == 0:
         return
     big, overflow = limits(tag)
@@ -53,6 +56,8 @@ def guard(
     if peak < overflow:
         return
     finite = torch.isfinite(x32)
+    if callable(base32):
+        base32 = base32()
     new_bad = ~finite if base32 is None else ~finite & torch.isfinite(base32)
     largest = float(x32[finite].abs().max()) if bool(finite.any()) else 0.0
     where = sources[0] if sources else None
@@ -77,7 +82,7 @@ def guard(
         )
     clamp = new_bad | (finite & (x32.abs() > big))
     x32[clamp] = torch.copysign(torch.tensor(big, dtype=x32.dtype, device=x32.device), x32[clamp])
-    saturated[tensor] = math.inf if bool(new_bad.any()) else largest
+    saturated[tensor] = max(saturated.get(tensor, 0.0), math.inf if bool(new_bad.any()) else largest)
 
 
 _HINT = "lower the strength, write a wider --dtype (bf16/fp32), or pass --saturate to clamp such values"
@@ -114,3 +119,39 @@ def check_scales(plan) -> None:
                     path=lp.reader.path,
                     hint="lower the strength",
                 )
+
+
+class Guarded:
+    """A bake-kernel codec whose every encoded row block passes `guard` first (blocks may come
+    from several threads; `saturated` is updated under a lock). Untouched rows re-encoded into a
+    narrower dtype are guarded too; rows kept as stored are the input's own."""
+
+    def __init__(self, codec, tag: str, *, tensor: str, sources: list[str], saturated: dict[str, float] | None = None):
+        self.inner, self.tag, self.tensor, self.sources = codec, tag, tensor, sources
+        self.saturated = saturated
+        self.rows, self.cols, self.shape, self.parallel = codec.rows, codec.cols, codec.shape, codec.parallel
+        self._lock = threading.Lock()
+
+    def encode(self, start: int, stop: int, x32: torch.Tensor) -> None:
+        mine = None if self.saturated is None else {}
+        base = lambda: self.inner.decode(start, stop, torch.empty_like(x32))  # noqa: E731 - stored rows, not yet overwritten
+        guard(x32, self.tag, tensor=self.tensor, sources=self.sources, base32=base, saturated=mine)
+        if mine:
+            with self._lock:
+                self.saturated[self.tensor] = max(self.saturated.get(self.tensor, 0.0), mine[self.tensor])
+        self.inner.encode(start, stop, x32)
+
+    def keep(self, start: int, stop: int) -> None:
+        if getattr(self.inner, "in_place", True):  # rows stay as stored (or a codec keeps its own bytes)
+            self.inner.keep(start, stop)
+            return
+        from lorabake.bake_kernel import BLOCK_ELEMS
+
+        step = max(1, BLOCK_ELEMS // max(self.cols, 1))
+        buf = torch.empty((min(step, stop - start), self.cols), dtype=torch.float32, device=self.inner.src.device)
+        for a in range(start, stop, step):
+            b = min(a + step, stop)
+            self.encode(a, b, self.inner.decode(a, b, buf[: b - a]))
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)  # decode, stored, base_in_output, result
