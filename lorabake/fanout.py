@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Sequence
 
-from lorabake import devices, dtypes, ops
+from lorabake import devices, dtypes, finite, ops
 from lorabake.errors import UsageError
 from lorabake.plan import plan_merge
 from lorabake.st_reader import SafetensorsReader, check_input_path
@@ -89,6 +89,7 @@ def _prepare(opts: ops.MergeOptions, base: SafetensorsReader, loras: _Loras) -> 
         raise ops._unmatched_error(plan)
     result = ops.MergeResult(plan)
     result.lora_data_sha256 = [loras.data_sha256(lp) for lp in plan.loras]
+    finite.check_scales(plan)
     if out_tag and ops.scaled_fp8_scales(base.tensors):
         raise UsageError("--dtype cannot convert a scaled-fp8 checkpoint (its fp8 weights need their scales)",
                          hint="use --dtype keep")
@@ -106,7 +107,8 @@ def _bake_all(base: SafetensorsReader, jobs: list[_Job], device, progress, stack
         meta = ops._metadata(job.opts, job.plan, job.result.lora_data_sha256)
         job.writer = stack.enter_context(SafetensorsWriter(
             job.opts.output, entries, meta, inputs=[job.opts.base, *(s.path for s in job.opts.loras)],
-            force=job.opts.force, background_bytes=ops.WRITE_QUEUE_BYTES))
+            force=job.opts.force, background_bytes=ops.WRITE_QUEUE_BYTES,
+            sources=[base, *(lp.reader for lp in job.plan.loras)]))
     for name, buf in base.iter_bytes(base.tensors, readahead_bytes=jobs[0].opts.readahead_bytes):
         users = [job for job in jobs if job.touches(name)]
         # The buffer itself goes to writers that pass it through, and may be baked in place only
