@@ -47,14 +47,22 @@ CHANGES = {"rewritten": _rewrite_in_place, "replaced": _replace}
 def test_input_changed_during_merge_writes_nothing(tmp_path, inputs, monkeypatch, which, change):
     base, lora = inputs
     victim = base if which == "base" else lora
-    real_write = st_writer.SafetensorsWriter.write
+    real_write, real_copy = st_writer.SafetensorsWriter.write, st_writer.SafetensorsWriter.copy_from
 
-    def write(self, name, data):
-        real_write(self, name, data)
+    def change_once(self):
         if self._next == 1:
             CHANGES[change](victim)
 
+    def write(self, name, data):
+        real_write(self, name, data)
+        change_once(self)
+
+    def copy_from(self, name, fd, offset):  # unchanged tensors are copied from the base, not written
+        real_copy(self, name, fd, offset)
+        change_once(self)
+
     monkeypatch.setattr(st_writer.SafetensorsWriter, "write", write)
+    monkeypatch.setattr(st_writer.SafetensorsWriter, "copy_from", copy_from)
     out = tmp_path / "o.safetensors"
     one_error(run_main(["merge", base, "--lora", lora, "-o", str(out)]), victim, "changed while it was being read")
     assert sorted(os.listdir(tmp_path)) == ["in"]

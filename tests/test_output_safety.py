@@ -110,15 +110,23 @@ def test_a_bake_racing_another_to_the_same_output_fails(tmp_path, good, monkeypa
     """Through the CLI: another process commits to -o while this bake runs."""
     from lorabake import st_writer
 
-    real_write = st_writer.SafetensorsWriter.write
+    real_write, real_copy = st_writer.SafetensorsWriter.write, st_writer.SafetensorsWriter.copy_from
     out = tmp_path / "o.safetensors"
 
-    def write(self, name, data):
-        real_write(self, name, data)
+    def other_bake_commits(self):
         if self._next == 1:
             out.write_bytes(b"the other bake")
 
+    def write(self, name, data):
+        real_write(self, name, data)
+        other_bake_commits(self)
+
+    def copy_from(self, name, fd, offset):  # unchanged tensors are copied, not written
+        real_copy(self, name, fd, offset)
+        other_bake_commits(self)
+
     monkeypatch.setattr(st_writer.SafetensorsWriter, "write", write)
+    monkeypatch.setattr(st_writer.SafetensorsWriter, "copy_from", copy_from)
     base, lora = good
     with untouched(os.path.dirname(base)):
         one_error(run_main(["merge", base, "--lora", lora, "-o", str(out)]), str(out), "appeared while baking", "--force")
