@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from lorabake import delta, dtypes
+from lorabake import dtypes
 from lorabake.errors import LorabakeError
 from lorabake.limits import FP32_MAX
 
@@ -96,26 +96,19 @@ def lora_paths(plan, name: str) -> list[str]:
 
 def check_scales(plan) -> None:
     """strength · scale of every planned patch is a number fp32 holds (the kernels multiply by it in
-    fp32): else a `RangeError` naming the LoRA and the module, before a byte is written.
-    Reads only the alpha/scale scalars; factor shapes stand in as meta tensors."""
-    seen = set()
+    fp32): else a `RangeError` naming the LoRA and the module, before a byte is written."""
+    from lorabake.adapters.scale import scale_of
+
     for patches in plan.patches.values():
         for p in patches:
-            if (p.lora_index, p.module.stem, p.strength) in seen:
-                continue
-            seen.add((p.lora_index, p.module.stem, p.strength))
-            lp = plan.loras[p.lora_index]
-            parts = {
-                part: lp.reader.read(key) if part in ("alpha", "scale") else torch.empty(lp.reader.tensors[key].shape, device="meta")
-                for part, key in p.module.parts.items()
-            }
-            try:
-                scale = delta.scale_of(p.module.algo, parts, alpha_override=lp.lora.alpha_overrides.get(p.module.stem))
-            except LorabakeError:
-                continue  # a malformed module: the bake names it
+            m, lp = p.module, plan.loras[p.lora_index]
+            scale = m.scale
+            if scale is None:  # the planner read headers only: the alpha/scale scalars, read here
+                values = {k: float(lp.reader.read(m.parts[k]).double().reshape(-1)[0]) for k in ("alpha", "scale") if k in m.parts}
+                scale = scale_of(rank=m.rank, alpha=values.get("alpha"), scale_part=values.get("scale"), peft=lp.lora.peft_scales.get(m.stem))
             if not math.isfinite(p.strength * scale) or abs(p.strength * scale) > FP32_MAX:
                 raise RangeError(
-                    f"strength {p.strength:g} × scale {scale:.4g} of module {p.module.stem!r} is beyond fp32 (±{FP32_MAX:.4g})",
+                    f"strength {p.strength:g} × scale {scale:.4g} of module {m.stem!r} is beyond fp32 (±{FP32_MAX:.4g})",
                     path=lp.reader.path,
                     hint="lower the strength",
                 )

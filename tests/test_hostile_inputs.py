@@ -12,6 +12,7 @@ import os
 import struct
 
 import pytest
+import torch
 
 from lorabake import peft_patterns
 from lorabake.errors import LoraFormatError
@@ -161,3 +162,12 @@ def test_a_header_of_many_tiny_tensors_reads(tmp_path):
         assert float(r.read("t9999")) == 9999.0
     code, out, err = run_main(["inspect", path, "--json"])
     assert code == 0, err and json.loads(out)["files"][0]["tensors"] == n
+def test_rank_zero_factors_are_one_error_line(tmp_path, good):
+    base, _ = good
+    lora = {STEM + ".lora_down.weight": torch.zeros(0, 320), STEM + ".lora_up.weight": torch.zeros(320, 0),
+            STEM + ".alpha": torch.tensor(4.0)}
+    path = save_lora(str(tmp_path / "rank0.safetensors"), lora, SD1_META)
+    with untouched(tmp_path, os.path.dirname(base)):
+        one_error(run_main(["merge", base, "--lora", path, "-o", str(tmp_path / "o.safetensors")]), path)
+
+

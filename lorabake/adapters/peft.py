@@ -15,12 +15,12 @@ Patterns are matched as peft `get_pattern_key` does.
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from collections.abc import Mapping
 
+from lorabake import limits, peft_patterns
 from lorabake.errors import LoraFormatError
+from lorabake.st_header import parse_json
 from lorabake.types import LoraModule
 
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"
@@ -34,14 +34,7 @@ def _adapter_configs(metadata: Mapping[str, str], path: str) -> list[tuple[str, 
     raw = metadata.get(ADAPTER_METADATA_KEY)
     if not raw:
         return []
-    try:
-        doc = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise LoraFormatError(
-            f"metadata {ADAPTER_METADATA_KEY!r} is not valid JSON ({exc.msg} at char {exc.pos})",
-            path=path,
-            hint="the PEFT config that holds this LoRA's alphas is unreadable; fix or remove it",
-        ) from None
+    doc = parse_json(raw, what=f"metadata {ADAPTER_METADATA_KEY!r}", path=path, error=LoraFormatError)
     if not isinstance(doc, dict):
         raise LoraFormatError(
             f"metadata {ADAPTER_METADATA_KEY!r} is a JSON {type(doc).__name__}, not an object", path=path
@@ -57,19 +50,9 @@ def _adapter_configs(metadata: Mapping[str, str], path: str) -> list[tuple[str, 
 
 
 def _pattern_value(patterns: object, name: str, path: str) -> object | None:
-    """peft `get_pattern_key`: first pattern P (dict order) with re.match(rf"(.*\\.)?({P})$", name)."""
-    if not isinstance(patterns, dict):
-        return None
-    for pattern, value in patterns.items():
-        try:
-            hit = re.match(rf"(.*\.)?({pattern})$", name)
-        except re.error as exc:
-            raise LoraFormatError(
-                f"{ADAPTER_METADATA_KEY} pattern {pattern!r} is not a valid regex ({exc})", path=path
-            ) from None
-        if hit:
-            return value
-    return None
+    """peft `get_pattern_key`: first pattern P (dict order) with re.match(rf"(.*\\.)?({P})$", name),
+    under the length and time bounds of `peft_patterns`."""
+    return peft_patterns.pattern_value(patterns, name, path=path)
 
 
 def _number(value: object) -> bool:
@@ -97,6 +80,8 @@ def peft_scales(modules: Mapping[str, LoraModule], metadata: Mapping[str, str], 
                 alpha = config.get(_ALPHA_FIELD[module.algo])
             if not _number(alpha):
                 break
+            if not limits.fits_fp32(alpha):
+                raise LoraFormatError(f"{ADAPTER_METADATA_KEY} alpha {str(alpha)[:24]} is outside what fp32 holds", path=path, tensor=stem)
             r = _pattern_value(config.get("rank_pattern"), name, path)
             if r is None:
                 r = config.get("r")
