@@ -94,9 +94,15 @@ def lora_paths(plan, name: str) -> list[str]:
     return list(dict.fromkeys(paths))
 
 
-def check_scales(plan) -> None:
+def check_scales(plan, *, read=None) -> None:
     """strength · scale of every planned patch is a number fp32 holds (the kernels multiply by it in
-    fp32): else a `RangeError` naming the LoRA and the module, before a byte is written."""
+    fp32): else a `RangeError` naming the LoRA and the module, before a byte is written.
+
+    `read(reader, key)` gives a LoRA tensor (the preflight's kept copy); default: read the file."""
+    if read is None:
+        def read(reader, key):
+            return reader.read(key)
+
     from lorabake.adapters.scale import scale_of
 
     for patches in plan.patches.values():
@@ -104,7 +110,7 @@ def check_scales(plan) -> None:
             m, lp = p.module, plan.loras[p.lora_index]
             scale = m.scale
             if scale is None:  # the planner read headers only: the alpha/scale scalars, read here
-                values = {k: float(lp.reader.read(m.parts[k]).double().reshape(-1)[0]) for k in ("alpha", "scale") if k in m.parts}
+                values = {k: float(read(lp.reader, m.parts[k]).double().reshape(-1)[0]) for k in ("alpha", "scale") if k in m.parts}
                 scale = scale_of(rank=m.rank, alpha=values.get("alpha"), scale_part=values.get("scale"), peft=lp.lora.peft_scales.get(m.stem))
             if not math.isfinite(p.strength * scale) or abs(p.strength * scale) > FP32_MAX:
                 raise RangeError(

@@ -42,6 +42,11 @@ class LoraData:
                 self.kept_bytes += len(buf)
         return sha.hexdigest()
 
+    def peek(self, reader: SafetensorsReader, name: str) -> torch.Tensor:
+        """Tensor `name` without using up the kept copy (scalars the preflight needs before the bake)."""
+        buf = self._kept.get((reader.path, name))
+        return reader.read(name) if buf is None else to_tensor(buf, reader.tensors[name])
+
     def read(self, reader: SafetensorsReader, name: str) -> torch.Tensor:
         """Tensor `name` of the LoRA at `reader`: the kept copy (then dropped), else a fresh read."""
         buf = self._kept.pop((reader.path, name), None)

@@ -102,7 +102,7 @@ def merge(opts: MergeOptions, *, progress: Progress | None = None, on_plan: Call
             return result
         lora_data = LoraData(opts.lora_cache_bytes)
         result.lora_data_sha256 = [lora_data.verify(lp.reader, lp.lora) for lp in plan.loras]
-        finite.check_scales(plan)
+        finite.check_scales(plan, read=lora_data.peek)
         _write_merged(opts, plan, out_tag, device, result, progress, lora_data)
         return result
     finally:

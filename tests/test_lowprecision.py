@@ -327,6 +327,9 @@ def test_fp8_output_from_bf16_base_converts_every_float_and_saturates(tmp_path, 
     base = plain_base(tmp_path / "base.safetensors", torch.bfloat16, vals)
     lora = lora_for(TARGETS, {k: tuple(base[k].shape) for k in TARGETS.values()})
     lora_path = save_lora(tmp_path / "l.safetensors", lora)
+    # beyond the output format's range is an error by default, naming the tensor; --saturate clamps
+    code, _, err, out = merge(tmp_path, tmp_path / "base.safetensors", lora_path, "--dtype", fmt)
+    assert code == 1 and "Error:" in err and not out.exists(), err
     code, doc, err, out = merge(tmp_path, tmp_path / "base.safetensors", lora_path, "--dtype", fmt, "--saturate")
     assert code == 0, err
     with SafetensorsReader(out) as r:
