@@ -40,7 +40,17 @@ def _handler(signum: int, frame: object) -> None:  # noqa: ARG001
         _State.pending = _State.pending or signum
         return
     _State.raised = True
+    _ignore_at_os_level()
     raise Interrupted(signum)
+
+
+def _ignore_at_os_level() -> None:
+    """Later signals ignored by the OS too: Python puts the default action back for handlers that
+    are Python functions while the interpreter shuts down, and a late SIGINT would then kill the
+    process (exit -2 instead of 130)."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def install() -> None:
@@ -64,12 +74,14 @@ def deferred() -> Iterator[None]:
         if not _State.depth and _State.pending is not None and not _State.raised:
             signum, _State.pending = _State.pending, None
             _State.raised = True
+            _ignore_at_os_level()
             raise Interrupted(signum)
 
 
 def ignore() -> None:
     """From now on signals are ignored: the process is already on its way out with its own message."""
     _State.raised = True
+    _ignore_at_os_level()
 
 
 def note_written(path: str) -> None:
