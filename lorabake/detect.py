@@ -110,6 +110,9 @@ def arch_from_metadata(metadata: Mapping[str, str]) -> str | None:
         )
         if best:
             return best[1]
+    for fam in FAMILIES.values():  # old kohya files: ss_v2 = "True"
+        if any((metadata.get(flag) or "").strip().lower() == "true" for flag in fam.legacy_flags):
+            return fam.arch
     return None
 
 

@@ -5,7 +5,7 @@ Schema (stable; documented in the README):
   --hash: sha256, autov2, data_sha256, sshs_model_hash_matches (null when the file stores none).
 - checkpoint: layout, prefix, candidates, components {name: {kind, root, params, tensors, dtypes}},
   params, dtypes, notes.
-- lora: architecture_source, architecture_note, flavour, flavours, algorithms, modules,
+- lora: architecture_source, architecture_note, architecture_candidates, flavour, flavours, algorithms, modules,
   components, ranks, alphas, scales, dora_modules, unknown_keys, training, top_tags, and with
   --against: coverage {base, base_architecture, applied, skipped, unmatched, details}.
 """
@@ -21,6 +21,7 @@ from collections import Counter
 from lorabake import lora_format
 from lorabake.detect import detect_checkpoint
 from lorabake.jobs import entry_toml, recipe_from_metadata
+from lorabake.lora_base import identify, module_component_hint
 from lorabake.st_reader import SafetensorsReader, check_input_path
 
 # Training metadata worth showing, in this order (kohya `ss_*` keys).
@@ -108,18 +109,22 @@ def _checkpoint_report(reader: SafetensorsReader) -> dict:
 
 
 def _lora_report(reader: SafetensorsReader, against: str | None) -> dict:
-    lora = lora_format.parse_lora(reader.tensors, reader.metadata, path=reader.path, read=reader.read_bytes)
+    parsed = lora_format.parse_lora(reader.tensors, reader.metadata, path=reader.path, read=reader.read_bytes)
+    lora, match = identify(parsed, reader.tensors)
     alphas = read_alphas(reader, lora)
     ranks = Counter(m.rank for m in lora.modules.values() if m.rank is not None)
     alpha_counts = Counter(_fmt(a) for a in alphas.values() if a is not None)
     scales = Counter(_fmt(m.scale) for m in lora.modules.values() if m.scale is not None)
-    components = Counter(lora_format.module_component_hint(s) or "?" for s in lora.modules)
+    components = Counter(module_component_hint(s) or "?" for s in lora.modules)
     report = _common(reader, "lora")
     report.update(
         {
             "architecture": lora.arch,
             "architecture_source": lora.arch_source,
             "architecture_note": lora.arch_note,
+            "architecture_candidates": [
+                {"architecture": c.arch, "matched": c.matched, "unmatched": c.unmatched} for c in match.candidates
+            ],
             "flavour": lora.flavour,
             "flavours": dict(lora.flavours),
             "algorithms": dict(Counter(m.algo for m in lora.modules.values())),
@@ -173,7 +178,7 @@ def coverage(lora_path: str, base_path: str) -> dict:
     spec = LoraSpec(lora_path)
     base, readers = open_inputs(base_path, (spec,))
     try:
-        plan = plan_merge(base, [spec], readers)
+        plan = plan_merge(base, [spec], readers, require_change=False)
     finally:
         base.close()
         for r in readers:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
 from lorabake import adapters
@@ -24,6 +24,7 @@ from lorabake.arch.common import Family
 from lorabake.detect import arch_from_metadata, detect_checkpoint
 from lorabake.errors import LoraFormatError
 from lorabake.keymap import KeyMap, build_keymap
+from lorabake.lora_format import LoraFile
 from lorabake.st_header import TensorInfo
 from lorabake.types import LoraModule, Target
 
@@ -49,6 +50,38 @@ class BaseMatch:
     note: str | None
     candidates: tuple[Candidate, ...] = ()  # families matching at least one module, best first
     ambiguous: bool = False
+
+
+def identify(lora: LoraFile, tensors: Mapping[str, TensorInfo]) -> tuple[LoraFile, BaseMatch]:
+    """A LoRA alone: its family by matching, written into `lora.arch*` (and the family's flavour names)."""
+    match = match_lora(lora.modules, tensors, lora.metadata)
+    return with_family(lora, match.arch, match.source, match.note), match
+
+
+def against_base(lora: LoraFile, arch: str, base_path: str) -> LoraFile:
+    """A LoRA planned against a base: the base's family decides; metadata naming another is a warning."""
+    said = arch_from_metadata(lora.metadata)
+    note = None
+    if said and arch != "unknown" and said != arch:
+        note = f"its metadata says the LoRA is for {said} but the base checkpoint {base_path} is {arch}"
+    return with_family(lora, arch, "base", note)
+
+
+def with_family(lora: LoraFile, arch: str, source: str | None, note: str | None) -> LoraFile:
+    """`lora` with its family set; a family may name the generic "peft" flavour (`Family.flavours`)."""
+    family = FAMILIES.get(arch)
+    names = dict(family.flavours) if family else {}
+    if "peft+ai-toolkit" in names and "ai-toolkit" in lora.metadata.get("software", ""):
+        names["peft"] = names["peft+ai-toolkit"]  # ai-toolkit says so in its `software` metadata
+    flavours = {names.get(f, f): n for f, n in lora.flavours.items()}
+    return replace(
+        lora,
+        arch=arch,
+        arch_source=source,
+        arch_note=note,
+        flavours=flavours,
+        flavour=names.get(lora.flavour, lora.flavour),
+    )
 
 
 def match_lora(
@@ -117,6 +150,72 @@ def fits(
         return adapters.fits(module.algo, weight, shape)
     except LoraFormatError:
         return False
+
+
+# --- which component a stem names, from its prefix alone ---------------------------------------------------
+
+# prefix -> component. "body" means: "dit" if the rest starts with a DiT block name, else
+# `default` ("unet" or None).
+_COMPONENT_PREFIXES = (
+    ("lora_unet_", "body", "unet"),
+    ("oft_unet_", "body", "unet"),
+    ("lycoris_", "body", "unet"),
+    ("lora_transformer_", "dit", None),
+    ("lora_te_", "te1", None),
+    ("lora_te1_", "te1", None),
+    ("lora_te2_", "te2", None),
+    ("lora_te3_", "te3", None),
+    ("model.diffusion_model.", "body", "unet"),
+    ("diffusion_model.", "body", "unet"),
+    ("text_encoders.clip_l.", "te1", None),
+    ("text_encoders.clip_g.", "te2", None),
+    ("text_encoders.t5xxl.", "te3", None),
+    ("unet.base_model.model.", "unet", None),
+    ("unet.", "unet", None),
+    ("transformer.", "dit", None),
+    ("text_encoder.", "te1", None),
+    ("text_encoder_2.", "te2", None),
+    ("text_encoder_3.", "te3", None),
+    ("base_model.model.", "body", None),
+    ("", "body", None),  # DiffSynth, BFL, XLabs: no prefix
+)
+_COMPONENT_PREFIXES_LONGEST_FIRST = tuple(sorted(_COMPONENT_PREFIXES, key=lambda p: -len(p[0])))
+
+
+def _dit_top_names() -> frozenset[str]:
+    """Top-level module names of the DiT families (native and renamed), from the registry. UNets have
+    `transformer_blocks` only nested inside attentions, never first."""
+    names = set()
+    for family in FAMILIES.values():
+        if family.diffusion != "dit":
+            continue
+        for structure in family.structures:
+            names.update(line.split(".", 1)[0].split(" ", 1)[0] for line in structure.splitlines() if line)
+        for table in family.renames:
+            names.update(a.name.split(".", 1)[0] for aliases in table.modules.values() for a in aliases)
+    return frozenset(names)
+
+
+_DIT_TOP_NAMES = _dit_top_names()
+
+
+def module_component_hint(stem: str) -> str | None:
+    """ "unet" | "dit" | "te1" | "te2" | "te3" | None, from the stem's prefix only.
+
+    The index is the prefix's (kohya `lora_te2_`, diffusers `text_encoder_2.`, ComfyUI
+    `text_encoders.clip_g.` -> "te2"; `text_encoders.t5xxl.` -> "te3"). Which encoder that is
+    depends on the family (one family's trainers write T5 as `lora_te2_`): the planner resolves it
+    with the family's text-encoder table. Unprefixed stems are "dit" when they start with a top-level
+    module name of a DiT family, else None.
+    """
+    for prefix, component, default in _COMPONENT_PREFIXES_LONGEST_FIRST:
+        if stem.startswith(prefix):
+            if component != "body":
+                return component
+            body = stem[len(prefix) :].replace(".", "_")
+            dit = any(body == n or body.startswith(n + "_") for n in _DIT_TOP_NAMES)
+            return "dit" if dit else default
+    return None  # unreachable: "" matches every stem
 
 
 # --- virtual checkpoints ----------------------------------------------------------------------------------

@@ -10,10 +10,11 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
-from lorabake import adapters, lora_format
+from lorabake import adapters
 from lorabake.detect import CheckpointInfo, detect_checkpoint
 from lorabake.errors import LoraFormatError, MatchError
 from lorabake.keymap import KeyMap, build_keymap
+from lorabake.lora_base import against_base, module_component_hint
 from lorabake.lora_format import LoraFile, parse_lora
 from lorabake.st_reader import SafetensorsReader
 from lorabake.types import TEXT_ENCODERS, LoraModule, Target
@@ -91,8 +92,18 @@ class MergePlan:
         return [(lp, o) for lp in self.loras for o in lp.by_status("unmatched")]
 
 
-def plan_merge(base: SafetensorsReader, specs: list[LoraSpec], lora_readers: list[SafetensorsReader]) -> MergePlan:
-    """Resolve every module of every LoRA against `base`. Raises MatchError on an arch mismatch."""
+def plan_merge(
+    base: SafetensorsReader,
+    specs: list[LoraSpec],
+    lora_readers: list[SafetensorsReader],
+    *,
+    require_change: bool = True,
+) -> MergePlan:
+    """Resolve every module of every LoRA against `base`; the base's family decides.
+
+    With `require_change` (a merge, dry run or not), a LoRA that would change no tensor is a
+    MatchError naming the LoRA, the base and why; `inspect --against` reports it instead.
+    """
     info = detect_checkpoint(base.tensors, base.metadata)
     keymap = build_keymap(base.tensors, info)
     patches: dict[str, list[PlannedPatch]] = {}
@@ -100,8 +111,7 @@ def plan_merge(base: SafetensorsReader, specs: list[LoraSpec], lora_readers: lis
     for index, (spec, reader) in enumerate(zip(specs, lora_readers)):
         # header only: a module's alpha tensor is read with its factors at bake time, where the
         # kernel applies the same scale rule (adapters.scale); PEFT scales come from the metadata
-        lora = parse_lora(reader.tensors, reader.metadata, path=reader.path)
-        _check_arch(lora, info, base.path)
+        lora = against_base(parse_lora(reader.tensors, reader.metadata, path=reader.path), info.arch, base.path)
         plan = LoraPlan(spec, lora, reader)
         claimed: dict[tuple[str, object], str] = {}
         for stem, module in lora.modules.items():
@@ -120,20 +130,45 @@ def plan_merge(base: SafetensorsReader, specs: list[LoraSpec], lora_readers: lis
                 patches.setdefault(slot[0], []).append(p)
         for key in lora.unknown_keys:
             plan.outcomes.append(
-                Outcome(key, "unmatched", lora_format.module_component_hint(key), "not a tensor of any known adapter format")
+                Outcome(key, "unmatched", module_component_hint(key), "not a tensor of any known adapter format")
             )
+        if require_change:
+            _check_changes(plan, info, base.path)
         plans.append(plan)
     return MergePlan(base, info, keymap, plans, patches)
 
 
-def _check_arch(lora: LoraFile, info: CheckpointInfo, base_path: str) -> None:
-    if lora.arch in ("unknown", None) or info.arch == "unknown" or lora.arch == info.arch:
+def _check_changes(plan: LoraPlan, info: CheckpointInfo, base_path: str) -> None:
+    """A LoRA that changes no tensor of the base is an error, never a silent no-op."""
+    applied = plan.by_status("applied")
+    strengths = {plan.spec.strength_for(o.component or "") for o in applied}
+    if applied and strengths != {0.0}:
         return
+    lora = plan.lora
+    if applied:
+        why = f"its {len(applied)} matching module(s) are all at strength 0"
+    elif not plan.outcomes:
+        why = "it holds no adapter module"
+    else:
+        why = "; ".join(_reasons(plan))
+    said = f"; {lora.arch_note}" if lora.arch_note else ""
     raise MatchError(
-        f"LoRA is for {lora.arch} (from {lora.arch_source}) but the base checkpoint {base_path} is {info.arch}",
+        f"the LoRA changes no tensor of {base_path} ({info.arch}): {why}{said}",
         path=lora.path,
-        hint="use a LoRA trained for this base, or a base of the LoRA's architecture",
+        hint="use a LoRA trained for this base; `lorabake inspect LORA --against BASE --keys` shows where each module goes",
     )
+
+
+def _reasons(plan: LoraPlan) -> list[str]:
+    """The outcomes grouped by status and reason, most common first, e.g. '12 unmatched (no tensor ...)'."""
+    groups = Counter((o.status, o.reason) for o in plan.outcomes)
+    rows = [
+        f"{n} {status} ({reason}, e.g. {next(o.stem for o in plan.outcomes if (o.status, o.reason) == (status, reason))})"
+        for (status, reason), n in groups.most_common(3)
+    ]
+    if len(groups) > 3:
+        rows.append(f"{sum(groups.values()) - sum(n for _, n in groups.most_common(3))} more")
+    return rows
 
 
 def _resolve(
@@ -147,7 +182,7 @@ def _resolve(
     stem = module.stem
     target = keymap.targets.get(stem)
     if target is None:
-        component = keymap.component_of(stem) or lora_format.module_component_hint(stem)
+        component = keymap.component_of(stem) or module_component_hint(stem)
         if component is not None and component not in keymap.components_present:
             return Outcome(stem, "skipped", component, f"base has no {component}"), []
         return Outcome(stem, "unmatched", component, "no tensor of the base has this name"), []

@@ -1,4 +1,4 @@
-"""lora_format: suffix grammar, module grouping, shape checks, flavours, arch, metadata alphas.
+"""lora_format: suffix grammar, module grouping, shape checks, flavours, metadata alphas.
 
 Header-only: tensors are built with tests/lorafix.py and turned into TensorInfo without files,
 except where the file path matters. Stems come from real checkpoint names (tests/archfix.py).
@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from lorabake.errors import LoraFormatError
+from lorabake.lora_base import identify
 from lorabake.lora_format import (
     ALGORITHMS,
     PART_NAMES,
     SUFFIXES,
     LoraFile,
     looks_like_lora,
-    module_component_hint,
     parse_lora,
     split_key,
 )
@@ -49,7 +49,9 @@ def dotted_mods(arch: str, names: list[str], prefix: str, root: str = "model.dif
 
 
 def parse(tensors, metadata=None, path="x.safetensors") -> LoraFile:
-    return parse_lora(header_of(tensors), metadata or {}, path=path)
+    """parse_lora, then the family by matching (lorabake.lora_base), as `inspect` of a LoRA alone does."""
+    header = header_of(tensors)
+    return identify(parse_lora(header, metadata or {}, path=path), header)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,121 +410,8 @@ def test_mixed_counts_each_flavour():
 
 
 # --------------------------------------------------------------------------------------------
-# 4. base architecture
-# --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("metadata", "arch"),
-    [
-        ({"ss_base_model_version": "sd_v1"}, "sd1"),
-        ({"ss_base_model_version": "sd_v2_v"}, "sd2"),
-        ({"ss_base_model_version": "sdxl_base_v1-0"}, "sdxl"),
-        ({"ss_base_model_version": "sd3"}, "sd3"),
-        ({"ss_base_model_version": "flux1"}, "flux"),
-        ({"ss_v2": "True"}, "sd2"),
-        ({"modelspec.architecture": "stable-diffusion-v1/lora"}, "sd1"),
-        ({"modelspec.architecture": "stable-diffusion-v2-768-v/lora"}, "sd2"),
-        ({"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}, "sdxl"),
-        ({"modelspec.architecture": "stable-diffusion-3-medium/lora"}, "sd3"),
-        ({"modelspec.architecture": "flux-1-dev/lora"}, "flux"),
-        # modelspec is read before ss_*
-        ({"modelspec.architecture": "flux-1-dev/lora", "ss_base_model_version": "sd_v1"}, "flux"),
-    ],
-)
-def test_arch_from_metadata(metadata, arch):
-    f = parse(make_lora([("lora_unet_x", 8, 8)]), metadata)
-    assert (f.arch, f.arch_source, f.arch_note) == (arch, "metadata", None)
-
-
-def _sd3_mods():
-    return kohya_mods("sd3", ["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight",
-                              "model.diffusion_model.joint_blocks.0.context_block.attn.qkv.weight"], "lora_unet_")
-
-
-@pytest.mark.parametrize(
-    ("modules", "naming", "arch", "source"),
-    [
-        # kohya Flux (lora_flux.py): BFL names
-        (lambda: kohya_mods("flux", FLUX_QKV, "lora_unet_"), "kohya", "flux", "names"),
-        # diffusers Flux
-        (lambda: [("transformer.single_transformer_blocks.0.proj_mlp", 12288, 3072)], "peft", "flux", "names"),
-        # XLabs-style BFL names without prefix
-        (lambda: dotted_mods("flux", FLUX_QKV, ""), "peft", "flux", "names"),
-        # kohya SD3 (lora_sd3.py)
-        (_sd3_mods, "kohya", "sd3", "names"),
-        # kohya SDXL: SGM names
-        (lambda: kohya_mods("sdxl", ["model.diffusion_model.input_blocks.4.1.proj_in.weight"], "lora_unet_"), "kohya", "sdxl", "names"),
-        # SDXL in diffusers names: cross-attn to_k reads the 2048-wide text embedding
-        (lambda: [("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k", 640, 2048)], "diffusers", "sdxl", "shapes"),
-        # ComfyUI-generic SD1 with LDM names: to_k in-dim 768 (real shape from sd1-ldm.json)
-        (lambda: dotted_mods("sd1", ["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"],
-                             "diffusion_model."), "kohya", "sd1", "shapes"),
-        # kohya SD1/SD2 use diffusers names; only to_k's width tells them apart
-        (lambda: [("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", 320, 768)], "kohya", "sd1", "shapes"),
-        (lambda: [("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", 320, 1024)], "kohya", "sd2", "shapes"),
-        # old attn-proc spelling
-        (lambda: [("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor.to_k", 320, 1024)],
-         "diffusers_old", "sd2", "shapes"),
-        # SD2 TE-only LoRA: OpenCLIP-H width 1024
-        (lambda: [("lora_te_text_model_encoder_layers_0_self_attn_q_proj", 1024, 1024)], "kohya", "sd2", "shapes"),
-        # diffusers Flux double blocks only: width 3072
-        (lambda: [("transformer.transformer_blocks.0.attn.to_q", 3072, 3072)], "peft", "flux", "shapes"),
-        # OneTrainer Flux, double blocks only
-        (lambda: [("lora_transformer_transformer_blocks_0_attn_to_q", 3072, 3072)], "kohya", "flux", "shapes"),
-        # diffusers SD3 medium: width 1536
-        (lambda: [("transformer.transformer_blocks.0.attn.to_q", 1536, 1536)], "peft", "sd3", "shapes"),
-        # SDXL TE-only: a second text encoder
-        (lambda: [("lora_te2_text_model_encoder_layers_0_self_attn_q_proj", 1280, 1280)], "kohya", "sdxl", "names"),
-        # nothing to go on
-        (lambda: [("lora_unet_down_blocks_0_resnets_0_conv1", 320, 320)], "kohya", "unknown", None),
-    ],
-)
-def test_arch_from_tensors(modules, naming, arch, source):
-    f = parse(make_lora(modules(), naming=naming, conv3x3=True))
-    assert (f.arch, f.arch_source, f.arch_note) == (arch, source, None)
-
-
-def test_arch_conflict_note_keeps_metadata():
-    f = parse(make_lora(kohya_mods("flux", FLUX_QKV, "lora_unet_")), {"ss_base_model_version": "sdxl_base_v1-0"})
-    assert (f.arch, f.arch_source) == ("sdxl", "metadata")
-    assert "flux" in f.arch_note and "sdxl" in f.arch_note
-
-
-# --------------------------------------------------------------------------------------------
 # component hint, looks_like_lora
 # --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("stem", "component"),
-    [
-        ("lora_unet_down_blocks_0_attentions_0_proj_in", "unet"),
-        ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k", "unet"),
-        ("lora_unet_double_blocks_0_img_attn_qkv", "dit"),
-        ("lora_unet_joint_blocks_3_x_block_attn_qkv", "dit"),
-        ("lora_transformer_transformer_blocks_0_attn_to_q", "dit"),
-        ("lora_te_text_model_encoder_layers_3_self_attn_q_proj", "te1"),
-        ("lora_te1_text_model_encoder_layers_3_self_attn_q_proj", "te1"),
-        ("lora_te2_text_model_encoder_layers_3_self_attn_q_proj", "te2"),
-        ("lora_te3_encoder_block_0_layer_0_SelfAttention_q", "te3"),
-        ("unet.down_blocks.0.attentions.0.proj_in", "unet"),
-        ("transformer.single_transformer_blocks.0.attn.to_q", "dit"),
-        ("text_encoder.text_model.encoder.layers.0.self_attn.q_proj", "te1"),
-        ("text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj", "te2"),
-        ("text_encoder_3.encoder.block.0.layer.0.SelfAttention.q", "te3"),
-        ("diffusion_model.double_blocks.0.img_attn.qkv", "dit"),
-        ("diffusion_model.input_blocks.1.1.proj_in", "unet"),
-        ("text_encoders.clip_g.transformer.text_model.encoder.layers.0.self_attn.q_proj", "te2"),
-        ("text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q", "te3"),
-        ("double_blocks.0.processor.qkv_lora1", "dit"),
-        ("transformer_blocks.0.attn.to_q", "dit"),
-        ("base_model.model.down_blocks.0.attentions.0.proj_in", None),
-        ("something_else", None),
-    ],
-)
-def test_module_component_hint(stem, component):
-    assert module_component_hint(stem) == component
 
 
 def test_looks_like_lora():
@@ -651,6 +540,6 @@ def test_saved_file_round_trip(tmp_path):
                              "lora_unet_"), dtype=torch.float16)
     path = save_lora(tmp_path / "l.safetensors", t, {"ss_base_model_version": "sdxl_base_v1-0"})
     header = read_header(path)
-    f = parse_lora(header.tensors, header.metadata, path=path)
+    f = identify(parse_lora(header.tensors, header.metadata, path=path), header.tensors)[0]
     assert (f.flavour, f.arch, f.arch_note) == ("kohya", "sdxl", None)
     assert f.modules.keys() == parse(t).modules.keys()

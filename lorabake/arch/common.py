@@ -133,6 +133,8 @@ class Family(NamedTuple):
     # a kohya metadata key whose value "True" names this family (old kohya SD2 files: ss_v2)
     legacy_flags: tuple[str, ...] = ()
     text_encoder_kinds: Mapping[str, TextEncoderKind] = {}  # kinds only this family uses
+    # what this family's LoRAs of a generic flavour are called: "peft" -> ..., "peft+ai-toolkit" -> ...
+    flavours: Mapping[str, str] = {}
     # Every weight of the diffusion model under its first layout's prefix, one `<key> <shape>` row each;
     # {a-b} / {a,b} in a key stand for the numbers it takes; one string per variant (sizes differ).
     # With the text encoders' kinds each makes a virtual checkpoint, so a LoRA alone is matched

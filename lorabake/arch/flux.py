@@ -173,5 +173,8 @@ FAMILY = Family(
     ),
     implementation="https://github.com/black-forest-labs/flux",
     order=50,
+    # diffusers' Flux pipeline and ai-toolkit write the same PEFT names; ai-toolkit says so in its
+    # `software` metadata (ostris/ai-toolkit toolkit/metadata.py)
+    flavours={"peft": "diffusers-flux", "peft+ai-toolkit": "aitoolkit-flux"},
     structures=(_DEV,),
 )
