@@ -33,6 +33,7 @@ Examples:
   lorabake inspect sd_xl_base_1.0.safetensors
   lorabake inspect my_lora.safetensors --json
   lorabake inspect my_lora.safetensors --against sd_xl_base_1.0.safetensors
+  lorabake inspect my_lora.safetensors --against sd_xl_base_1.0.safetensors --keys
   lorabake inspect *.safetensors --hash
 """
 
@@ -213,12 +214,13 @@ def merge(base, loras, output, dtype, device, rounding, allow_unmatched, dry_run
 @click.option("--json", "as_json", is_flag=True, help="One JSON document {\"files\": [...]}.")
 @click.option("--hash", "with_hash", is_flag=True, help="Add SHA-256, AutoV2 and the data-section SHA-256.")
 @click.option("--against", type=click.Path(), help="For LoRAs: show which modules fit this base checkpoint.")
-def inspect(files, as_json, with_hash, against):
+@click.option("--keys", is_flag=True, help="With --against: each module's tensor, rows and the rule that sent it there.")
+def inspect(files, as_json, with_hash, against, keys):
     """Say what each file is, from its header: checkpoint or LoRA, architecture, layout, modules."""
     from lorabake import inspection as inspecting
     from lorabake import render
 
-    reports = [inspecting.inspect_file(path, with_hash=with_hash, against=against) for path in files]
+    reports = [inspecting.inspect_file(path, with_hash=with_hash, against=against, keys=keys) for path in files]
     with stdio.report():
         if as_json:
             click.echo(to_json({"files": reports}))

@@ -7,7 +7,7 @@ Schema (stable; documented in the README):
   params, dtypes, notes.
 - lora: architecture_source, architecture_note, architecture_candidates, flavour, flavours, algorithms, modules,
   components, ranks, alphas, scales, dora_modules, unknown_keys, training, top_tags, and with
-  --against: coverage {base, base_architecture, applied, skipped, unmatched, details}.
+  --against: coverage {base, base_architecture, applied, skipped, unmatched, details, and with --keys: keys}.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from collections import Counter
 
 from lorabake import lora_format
 from lorabake.detect import detect_checkpoint
+from lorabake.explain import key_rows
 from lorabake.jobs import entry_toml, recipe_from_metadata
 from lorabake.lora_base import identify, module_component_hint
 from lorabake.st_reader import SafetensorsReader, check_input_path
@@ -53,12 +54,15 @@ TOP_TAGS = 15
 HASH_CHUNK = 8 << 20
 
 
-def inspect_file(path: str, *, with_hash: bool = False, against: str | None = None) -> dict:
+def inspect_file(
+    path: str, *, with_hash: bool = False, against: str | None = None, keys: bool = False
+) -> dict:
+    """The report of one file; with `against` (LoRAs) the merge preflight, with `keys` one row per module."""
     if not os.path.isdir(path):
         check_input_path(path)
     with SafetensorsReader(path) as reader:
         if lora_format.looks_like_lora(reader.tensors):
-            report = _lora_report(reader, against)
+            report = _lora_report(reader, against, keys=keys)
         else:
             report = _checkpoint_report(reader)
         if with_hash:
@@ -108,7 +112,7 @@ def _checkpoint_report(reader: SafetensorsReader) -> dict:
     return report
 
 
-def _lora_report(reader: SafetensorsReader, against: str | None) -> dict:
+def _lora_report(reader: SafetensorsReader, against: str | None, *, keys: bool = False) -> dict:
     parsed = lora_format.parse_lora(reader.tensors, reader.metadata, path=reader.path, read=reader.read_bytes)
     lora, match = identify(parsed, reader.tensors)
     alphas = read_alphas(reader, lora)
@@ -123,7 +127,8 @@ def _lora_report(reader: SafetensorsReader, against: str | None) -> dict:
             "architecture_source": lora.arch_source,
             "architecture_note": lora.arch_note,
             "architecture_candidates": [
-                {"architecture": c.arch, "matched": c.matched, "unmatched": c.unmatched} for c in match.candidates
+                {"architecture": c.arch, "matched": c.matched, "unmatched": c.unmatched}
+                for c in match.candidates
             ],
             "flavour": lora.flavour,
             "flavours": dict(lora.flavours),
@@ -141,7 +146,7 @@ def _lora_report(reader: SafetensorsReader, against: str | None) -> dict:
         }
     )
     if against:
-        report["coverage"] = coverage(reader.path, against)
+        report["coverage"] = coverage(reader.path, against, keys=keys, alphas=alphas)
     return report
 
 
@@ -170,8 +175,12 @@ def top_tags(metadata: dict[str, str]) -> list[list]:
     return [[tag, count] for tag, count in total.most_common(TOP_TAGS)]
 
 
-def coverage(lora_path: str, base_path: str) -> dict:
-    """The merge preflight for one LoRA at strength 1: applied / skipped / unmatched per component."""
+def coverage(lora_path: str, base_path: str, *, keys: bool = False, alphas: dict | None = None) -> dict:
+    """The merge preflight for one LoRA at strength 1: applied / skipped / unmatched per component.
+
+    With `keys`, "keys" lists every module: where it lands (tensor, rows), the family rule that sent it
+    there, algorithm, rank, alpha and scale; an unmatched one lists the nearest base names.
+    """
     from lorabake.ops import open_inputs
     from lorabake.plan import LoraSpec, plan_merge
 
@@ -185,7 +194,7 @@ def coverage(lora_path: str, base_path: str) -> dict:
             r.close()
     lp = plan.loras[0]
     counts = lp.counts()
-    return {
+    report = {
         "base": base_path,
         "base_architecture": plan.info.arch,
         "applied": counts.get("applied", {}),
@@ -197,6 +206,9 @@ def coverage(lora_path: str, base_path: str) -> dict:
             if o.status != "applied"
         ],
     }
+    if keys:
+        report["keys"] = key_rows(plan, alphas or {})
+    return report
 
 
 def file_hashes(reader: SafetensorsReader) -> dict:
@@ -215,7 +227,7 @@ def file_hashes(reader: SafetensorsReader) -> dict:
                 break
             whole.update(chunk)
             if pos + len(chunk) > header.data_offset:
-                data.update(chunk[max(0, header.data_offset - pos):])
+                data.update(chunk[max(0, header.data_offset - pos) :])
             pos += len(chunk)
     sha = whole.hexdigest()
     stored = reader.metadata.get("sshs_model_hash")
@@ -223,7 +235,9 @@ def file_hashes(reader: SafetensorsReader) -> dict:
         "sha256": sha,
         "autov2": sha[:10],
         "data_sha256": data.hexdigest(),
-        "sshs_model_hash_matches": None if stored is None else stored.lower().removeprefix("0x") == data.hexdigest(),
+        "sshs_model_hash_matches": None
+        if stored is None
+        else stored.lower().removeprefix("0x") == data.hexdigest(),
     }
 
 

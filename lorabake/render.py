@@ -116,6 +116,7 @@ def merge_json(result) -> dict:
                 "path": lp.reader.path,
                 "flavour": lp.lora.flavour,
                 "architecture": lp.lora.arch,
+                "architecture_note": lp.lora.arch_note,
                 "strength": lp.spec.strength,
                 "te_strength": lp.spec.te_strength if lp.spec.te_strength is not None else lp.spec.strength,
                 "data_sha256": result.lora_data_sha256[i] if i < len(result.lora_data_sha256) else None,
@@ -157,6 +158,8 @@ def print_merge(result) -> None:
             f"lora: {_one(lora['path'])} [{lora['flavour']}, {lora['architecture']}] "
             f"strength {lora['strength']:g} / te {lora['te_strength']:g}"
         )
+        if lora["architecture_note"]:
+            _out(f"  note: {_esc(lora['architecture_note'])}")
         _out(f"  applied:   {_counts_text(lora['applied'])}")
         _out(f"  skipped:   {_counts_text(lora['skipped'])}")
         _out(f"  unmatched: {_counts_text(lora['unmatched'])}")
@@ -283,6 +286,27 @@ def _plain_coverage(cov: dict) -> None:
         print(f"    {status}: {_counts_text(cov[status])}")
     for row in cov["details"]:
         print(f"    {row['status']}: {_one(row['module'])}: {_one(row['reason'])}")
+    for row in cov.get("keys", ()):
+        print(f"    key {_one(key_line(row))}")
+
+
+def key_line(row: dict) -> str:
+    """One module of `inspect --keys`: where it lands and why, or the nearest names it could have meant."""
+    where = row["tensor"] or "no tensor"
+    if row["rows"]:
+        where += f" rows {row['rows'][0]}..{row['rows'][1]}"
+    if row["transform"]:
+        where += f" ({row['transform']})"
+    text = f"{row['module']} -> {where} [{row['status']}]"
+    if row["rule"] is not None:
+        text += f" by {row['family']}: {row['table']}" + (f": {row['rule']}" if row["rule"] else "")
+    if row["algorithm"]:
+        text += f"; {row['algorithm']} rank {row['rank']} alpha {row['alpha']} scale {row['scale']:g}"
+    if row["reason"]:
+        text += f"; {row['reason']}"
+    if row.get("nearest"):
+        text += "; nearest: " + ", ".join(f"{n['module']} ({n['tensor']})" for n in row["nearest"])
+    return text
 
 
 def _rich_report(rep: dict) -> None:
@@ -316,6 +340,8 @@ def _rich_report(rep: dict) -> None:
             for row in cov["details"][:50]:
                 dt.add_row(row["status"], _esc(row["module"]), _esc(row["reason"]))
             console.print(dt)
+        for row in cov.get("keys", ()):
+            console.print(_esc(key_line(row), 2000))
     recipe_lines = _recipe_lines(rep)
     if recipe_lines:
         console.print("\n".join(_esc(line, META_DISPLAY_LIMIT * 4) for line in recipe_lines))

@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     # 4: what a LoRA is for (matching against rule tables), and the plan
     ("lora_base", "plan", "extract_plan"),
     # 5: use cases: where files meet math
-    ("ops", "extract", "inspection", "recipes", "jobs", "shards", "lora_tools"),
+    ("ops", "extract", "inspection", "explain", "recipes", "jobs", "shards", "lora_tools"),
     # 6: presentation
     ("render", "cli", "__main__"),
 ]

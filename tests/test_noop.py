@@ -3,6 +3,7 @@ the options; one that matches bakes, whatever its metadata says. Real names and 
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -114,3 +115,24 @@ def test_inspect_against_reports_a_noop_instead_of_failing(tmp_path, sd1_base):
     code, stdout, err = run_main(["inspect", lora, "--against", base, "--json"])
     assert code == 0, err
     assert '"unmatched"' in stdout
+
+
+def test_inspect_keys_says_where_every_module_goes(tmp_path, sd1_base):
+    base, tensors = sd1_base
+    modules = _ldm_kohya(tensors)[:2] + [("lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_kk", 320, 768)]
+    lora = save_lora(str(tmp_path / "l.safetensors"), make_lora(modules, rank=4, alpha=2.0), {})
+    code, stdout, err = run_main(["inspect", lora, "--against", base, "--keys", "--json"])
+    assert code == 0, err
+    rows = {r["module"]: r for r in json.loads(stdout)["files"][0]["coverage"]["keys"]}
+    assert set(rows) == {m[0] for m in modules}
+    for stem, *_ in modules[:2]:
+        row = rows[stem]
+        assert (row["status"], row["tensor"], row["family"], row["table"]) == ("applied", _real_key(tensors, stem), "sd1", "own name")
+        assert (row["algorithm"], row["rank"], row["alpha"], row["scale"]) == ("lora", 4, 2.0, 0.5)
+    miss = rows["lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_kk"]
+    assert miss["status"] == "unmatched" and miss["tensor"] is None
+    assert miss["nearest"][0]["tensor"] == U + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    # the plain view carries the same facts, one line per module
+    code, stdout, err = run_main(["inspect", lora, "--against", base, "--keys"])
+    assert code == 0, err
+    assert f"-> {U}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight" in stdout or "nearest" in stdout
