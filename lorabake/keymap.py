@@ -87,8 +87,13 @@ class KeyMap:
         return stems[index] if index < len(stems) else None
 
 
-def build_keymap(tensors: Mapping[str, TensorInfo], info: CheckpointInfo) -> KeyMap:
-    """Every LoRA stem the base accepts, from the base's keys and the family tables of `info.arch`."""
+def build_keymap(
+    tensors: Mapping[str, TensorInfo], info: CheckpointInfo, *, only_prefixes: frozenset[str] | None = None
+) -> KeyMap:
+    """Every LoRA stem the base accepts, from the base's keys and the family tables of `info.arch`.
+
+    `only_prefixes` keeps the table to stems under those LoRA prefixes (matching a LoRA needs only its own).
+    """
     family = FAMILIES.get(info.arch)
     family_id = family.arch if family else "unknown"
     text_encoders = {te.component: te for te in (family.text_encoders if family else GENERIC_TEXT_ENCODERS)}
@@ -122,6 +127,8 @@ def build_keymap(tensors: Mapping[str, TensorInfo], info: CheckpointInfo) -> Key
                 if target is None:
                     continue
                 for prefix in prefixes:
+                    if only_prefixes is not None and prefix not in only_prefixes:
+                        continue
                     stem = prefix + (name.name.replace(".", "_") if prefix.endswith("_") else name.name)
                     table.add(
                         stem,

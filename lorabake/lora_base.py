@@ -89,11 +89,11 @@ def match_lora(
 ) -> BaseMatch:
     """The family whose rule table leaves the fewest of `modules` unmatched; metadata breaks ties."""
     said = arch_from_metadata(metadata)
+    used = frozenset(p for p in _ALL_PREFIXES if any(stem.startswith(p) for stem in modules))
     scored = []
     for family in FAMILIES.values():
-        matched = max(
-            _count(modules, tensors, keymap, base) for base, keymap in _virtual_keymaps(family.arch)
-        )
+        keymaps = _virtual_keymaps(family.arch, used)
+        matched = max(_count(modules, tensors, keymap, base) for base, keymap in keymaps)
         if matched:
             scored.append(Candidate(family.arch, matched, len(modules) - matched))
     scored.sort(key=lambda c: c.unmatched)
@@ -221,15 +221,28 @@ def module_component_hint(stem: str) -> str | None:
 # --- virtual checkpoints ----------------------------------------------------------------------------------
 
 
+# Every LoRA-side prefix some family declares: a LoRA's own prefixes are those its stems start with.
+_ALL_PREFIXES = frozenset(
+    p
+    for f in FAMILIES.values()
+    for p in (*f.lora_prefixes, *(q for te in f.text_encoders for q in te.lora_prefixes))
+)
+
+
 @cache
-def _virtual_keymaps(arch: str) -> tuple[tuple[dict[str, TensorInfo], KeyMap], ...]:
-    """(header, rule table) of each declared variant of family `arch`, built once per process."""
+def _virtual_keymaps(arch: str, prefixes: frozenset[str]) -> tuple[tuple[dict[str, TensorInfo], KeyMap], ...]:
+    """(header, rule table under `prefixes`) of each declared variant of family `arch`, built once."""
     family = FAMILIES[arch]
     out = []
     for variant in range(len(family.structures)):
-        header = virtual_checkpoint(family, variant)
-        out.append((header, build_keymap(header, detect_checkpoint(header))))
+        header = _virtual_header(arch, variant)
+        out.append((header, build_keymap(header, detect_checkpoint(header), only_prefixes=prefixes)))
     return tuple(out)
+
+
+@cache
+def _virtual_header(arch: str, variant: int) -> dict[str, TensorInfo]:
+    return virtual_checkpoint(FAMILIES[arch], variant)
 
 
 def virtual_checkpoint(family: Family, variant: int = 0) -> dict[str, TensorInfo]:
