@@ -183,7 +183,10 @@ def _resolve(
     target = keymap.targets.get(stem)
     if target is None:
         component = keymap.component_of(stem) or module_component_hint(stem)
-        if component is not None and component not in keymap.components_present:
+        # skipped only when the base is known to lack the component; a base of unknown family is not
+        # known to lack anything, so there a name that matches nothing is unmatched
+        known = keymap.arch != "unknown"
+        if known and component is not None and component not in keymap.components_present:
             return Outcome(stem, "skipped", component, f"base has no {component}"), []
         return Outcome(stem, "unmatched", component, "no tensor of the base has this name"), []
     refused = set(UNSUPPORTED_PARTS).intersection(module.parts)

@@ -136,3 +136,18 @@ def test_inspect_keys_says_where_every_module_goes(tmp_path, sd1_base):
     code, stdout, err = run_main(["inspect", lora, "--against", base, "--keys"])
     assert code == 0, err
     assert f"-> {U}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight" in stdout or "nearest" in stdout
+
+
+def test_against_a_base_of_unknown_family_nothing_is_skipped(tmp_path):
+    # a DiT no family module describes (Lumina-like names under model.diffusion_model.): its own names apply,
+    # a text encoder module is unmatched (the base is not known to lack one), never skipped
+    base = str(tmp_path / "dit.safetensors")
+    from safetensors.torch import save_file
+    save_file({U + "layers.0.attention.qkv.weight": torch.zeros(96, 32)}, base)
+    modules = [("lora_unet_layers_0_attention_qkv", 96, 32), ("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", 768, 768)]
+    lora = save_lora(str(tmp_path / "l.safetensors"), make_lora(modules, rank=2), {})
+    code, stdout, err = run_main(["inspect", lora, "--against", base, "--json"])
+    assert code == 0, err
+    cov = json.loads(stdout)["files"][0]["coverage"]
+    assert (cov["base_architecture"], cov["applied"], cov["skipped"]) == ("unknown", {"dit": 1}, {})
+    assert cov["unmatched"] == {"te1": 1}
