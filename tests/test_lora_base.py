@@ -151,8 +151,8 @@ def _qwen_image_like() -> list[tuple]:
 
 def test_qwen_image_shaped_lora_is_not_flux():
     # 0.1 called it flux because its width is 3072; Flux's table matches only its first 19 blocks' attention
-    f, match = identify(parse_lora(header_of(make_lora(_qwen_image_like(), naming="peft", rank=2)), {}),
-                        header_of(make_lora(_qwen_image_like(), naming="peft", rank=2)))
+    header = header_of(make_lora(_qwen_image_like(), naming="peft", rank=2))
+    f, match = identify(parse_lora(header, {}), header)
     assert f.arch != "flux"
     assert f.arch == "unknown" and f.arch_source is None
     assert match.candidates and match.candidates[0].arch == "flux"  # the nearest, reported as such

@@ -23,9 +23,10 @@ SD1_NAMES = [
 ]
 
 
-@pytest.fixture()
-def sd1_base(tmp_path):
-    path = str(tmp_path / "sd1.safetensors")
+@pytest.fixture(scope="module")
+def sd1_base(tmp_path_factory):
+    """Built once for the module, in its own folder (tests check that nothing appears next to their LoRA)."""
+    path = str(tmp_path_factory.mktemp("base") / "sd1.safetensors")
     tensors = build_checkpoint(path, "sd1", select("sd1", SD1_NAMES), float_dtype=torch.float32)
     return path, tensors
 
