@@ -34,7 +34,8 @@ import torch
 from lorabake import __version__, dtypes, lowrank
 from lorabake.adapters.scale import scale_of
 from lorabake.errors import LoraFormatError, UsageError
-from lorabake.lora_format import LoraFile, module_component_hint, parse_lora
+from lorabake.lora_base import identify, module_component_hint
+from lorabake.lora_format import LoraFile, parse_lora
 from lorabake.plan import LoraSpec
 from lorabake.st_reader import SafetensorsReader, check_input_path
 from lorabake.st_writer import SafetensorsWriter, check_output_path, tensor_bytes
@@ -133,7 +134,8 @@ def run(opts: ToolOptions) -> ToolResult:
     check_output_path(opts.output, inputs=[s.path for s in opts.inputs], force=opts.force)
     readers = [SafetensorsReader(spec.path) for spec in opts.inputs]
     try:
-        loras = [parse_lora(r.tensors, r.metadata, path=r.path) for r in readers]
+        # each input's family by matching (lorabake.lora_base), so inputs for different families are refused
+        loras = [identify(parse_lora(r.tensors, r.metadata, path=r.path), r.tensors)[0] for r in readers]
         _check_supported(loras)
         modules, namings, input_shas = _collect(opts, readers, loras)
         result = ToolResult(opts)

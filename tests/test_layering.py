@@ -22,13 +22,16 @@ LAYERS: list[tuple[str, ...]] = [
     # 1: the safetensors format, and the format knowledge as data (families, adapter grammar)
     ("st_header", "st_reader", "st_writer", "arch", "adapters", "quant"),
     # 2: reading names and descriptions: checkpoint detection, LoRA grammar, recipes and jobs; math on tensors
-    ("detect", "lora_format", "delta", "rounding", "svd", "kernel", "jobs", "recipe", "shards", "provenance"),
+    (
+        "detect", "lora_format", "delta", "rounding", "svd", "lowrank", "fold", "bake_kernel",
+        "jobs", "recipe", "shards", "provenance",
+    ),
     # 3: the rule table
     ("keymap",),
     # 4: what a LoRA is for (matching against rule tables), and the plan
     ("lora_base", "plan", "extract_plan"),
     # 5: use cases: where files meet math
-    ("ops", "extract", "inspection", "explain", "batch", "lora_tools"),
+    ("ops", "extract", "inspection", "explain", "batch", "fanout", "loratools"),
     # 6: presentation
     ("render", "batch_render", "cli", "__main__"),
 ]
