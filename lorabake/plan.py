@@ -150,7 +150,8 @@ def _check_changes(plan: LoraPlan, info: CheckpointInfo, base_path: str) -> None
     elif not plan.outcomes:
         why = "it holds no adapter module"
     else:
-        why = "; ".join(_reasons(plan))
+        unmatched = len(plan.by_status("unmatched"))
+        why = (f"{unmatched} module(s) match nothing in it: " if unmatched else "") + "; ".join(_reasons(plan))
     said = f"; {lora.arch_note}" if lora.arch_note else ""
     raise MatchError(
         f"the LoRA changes no tensor of {base_path} ({info.arch}): {why}{said}",
