@@ -19,8 +19,10 @@ NEAREST = 3
 _WORDS = re.compile(r"[._]")
 
 
-def key_rows(plan: MergePlan, alphas: Mapping[str, float | None]) -> list[dict]:
-    """One dict per module of the plan's first LoRA (JSON-ready)."""
+def key_rows(
+    plan: MergePlan, alphas: Mapping[str, float | None], scales: Mapping[str, float | None]
+) -> list[dict]:
+    """One dict per module of the plan's first LoRA (JSON-ready); `alphas`/`scales` as the file gives them."""
     keymap = plan.keymap
     lp = plan.loras[0]
     nearest = _Nearest(keymap)
@@ -47,7 +49,7 @@ def key_rows(plan: MergePlan, alphas: Mapping[str, float | None]) -> list[dict]:
             "algorithm": module.algo if module else None,
             "rank": rank,
             "alpha": alpha,
-            "scale": (alpha / rank if alpha is not None and rank else 1.0) if module else None,
+            "scale": scales.get(outcome.stem) if module else None,
             "reason": outcome.reason,
         }
         if outcome.status == "unmatched" and target is None:

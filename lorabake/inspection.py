@@ -146,7 +146,8 @@ def _lora_report(reader: SafetensorsReader, against: str | None, *, keys: bool =
         }
     )
     if against:
-        report["coverage"] = coverage(reader.path, against, keys=keys, alphas=alphas)
+        module_scales = {stem: m.scale for stem, m in lora.modules.items()}
+        report["coverage"] = coverage(reader.path, against, keys=keys, alphas=alphas, scales=module_scales)
     return report
 
 
@@ -175,7 +176,9 @@ def top_tags(metadata: dict[str, str]) -> list[list]:
     return [[tag, count] for tag, count in total.most_common(TOP_TAGS)]
 
 
-def coverage(lora_path: str, base_path: str, *, keys: bool = False, alphas: dict | None = None) -> dict:
+def coverage(
+    lora_path: str, base_path: str, *, keys: bool = False, alphas: dict | None = None, scales: dict | None = None
+) -> dict:
     """The merge preflight for one LoRA at strength 1: applied / skipped / unmatched per component.
 
     With `keys`, "keys" lists every module: where it lands (tensor, rows), the family rule that sent it
@@ -207,7 +210,7 @@ def coverage(lora_path: str, base_path: str, *, keys: bool = False, alphas: dict
         ],
     }
     if keys:
-        report["keys"] = key_rows(plan, alphas or {})
+        report["keys"] = key_rows(plan, alphas or {}, scales or {})
     return report
 
 
