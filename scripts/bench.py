@@ -106,9 +106,12 @@ def lora_targets(arch: str, base_path: str) -> list[tuple[str, str, str | None, 
         tensors = dict(r.tensors)
     km = build_keymap(tensors, detect_checkpoint(tensors))
     peft_of: dict[tuple[str, object], str] = {}
+    own: dict[str, str] = {}  # smoke shapes match no family: the checkpoint's own `lora_unet_` names
     for stem, t in km.targets.items():
         if stem.startswith(("unet.base_model.model.", "base_model.model.")) and t.transform is None:
             peft_of.setdefault((t.key, t.slice), stem)
+        if stem.startswith("lora_unet_") and t.slice is None and t.transform is None:
+            own.setdefault(t.key, stem)
     out = []
     for key, info in tensors.items():
         if not key.startswith(UNET_ROOT) or len(info.shape) not in (2, 4):
@@ -122,7 +125,7 @@ def lora_targets(arch: str, base_path: str) -> list[tuple[str, str, str | None, 
         )
         if not (linear or conv):
             continue
-        for stem, rows in kohya_modules(km, key):
+        for stem, rows in kohya_modules(km, key) or ([(own[key], None)] if key in own else []):
             shape = tuple(info.shape) if rows is None else (rows.length, *info.shape[1:])
             out.append((key, stem, peft_of.get((key, rows)), shape, conv))
     return out
