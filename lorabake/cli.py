@@ -173,13 +173,18 @@ def _number(text: str) -> float | None:
 @click.option("--rounding", type=click.Choice(["nearest", "stochastic"]), default="nearest", show_default=True,
               help="How patched tensors are re-encoded (stochastic: seeded per tensor name, deterministic).")
 @click.option("--allow-unmatched", is_flag=True, help="Bake the modules that fit even if some match nothing.")
+@click.option("--quant", default=None, metavar="FORMAT",
+              help="Quantize the output: fp8, fp8_e5m2, nvfp4, mxfp8, int8 (ComfyUI .safetensors) or a GGUF type "
+                   "(Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, …; -o NAME.gguf). Norms, biases, embedders and small tensors stay high precision.")
+@click.option("--gguf-requant", type=click.Choice(["refuse", "nearest"]), default="refuse", show_default=True,
+              help="GGUF base: a patched tensor of a type lorabake cannot encode (I-quants) is refused, or written as the nearest K-quant.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON document.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file (a regular file or symlink).")
 @click.option("--saturate", is_flag=True,
               help="Clamp baked values beyond the output dtype's range to its largest value (listed) instead of failing.")
 @click.option("--quiet", is_flag=True, help="Print only errors.")
-def merge(base, loras, output, dtype, device, rounding, allow_unmatched, dry_run, as_json, force, saturate, quiet):
+def merge(base, loras, output, dtype, device, rounding, allow_unmatched, quant, gguf_requant, dry_run, as_json, force, saturate, quiet):
     """Bake LoRAs into BASE: W' = W + Σ strength · scale · ΔW, streamed tensor by tensor."""
     from lorabake import ops, render
 
@@ -194,6 +199,8 @@ def merge(base, loras, output, dtype, device, rounding, allow_unmatched, dry_run
         device=device,
         rounding=rounding,
         allow_unmatched=allow_unmatched,
+        gguf_requant=gguf_requant,
+        quant=quant,
         dry_run=dry_run,
         force=force,
         saturate=saturate,

@@ -23,6 +23,9 @@ from lorabake.detect import detect_checkpoint
 from lorabake.explain import key_rows
 from lorabake.jobs import entry_toml, recipe_from_metadata
 from lorabake.lora_base import identify, module_component_hint
+from lorabake.quant.comfy import find_layers
+from lorabake.quant.gguf_file import is_gguf, open_gguf
+from lorabake.quant.report import comfy_report, gguf_report
 from lorabake.st_reader import SafetensorsReader, check_input_path
 
 # Training metadata worth showing, in this order (kohya `ss_*` keys).
@@ -60,6 +63,11 @@ def inspect_file(
     """The report of one file; with `against` (LoRAs) the merge preflight, with `keys` one row per module."""
     if not os.path.isdir(path):
         check_input_path(path)
+    if is_gguf(path):
+        with open_gguf(path) as base:
+            report = _checkpoint_report(base)
+            report["quantization"] = gguf_report(base.entries)
+        return report
     with SafetensorsReader(path) as reader:
         if lora_format.looks_like_lora(reader.tensors):
             report = _lora_report(reader, against, keys=keys)
@@ -109,6 +117,10 @@ def _checkpoint_report(reader: SafetensorsReader) -> dict:
     if recipe is not None:  # made by `lorabake bake`: the entry that rebuilds it
         recipe["toml"] = entry_toml(recipe["entry"]) if isinstance(recipe["entry"], dict) else None
         report["recipe"] = recipe
+    if isinstance(reader, SafetensorsReader):
+        layers = find_layers(reader.tensors, reader.metadata, reader.read_bytes, path=reader.path)
+        if layers:
+            report["quantization"] = comfy_report(reader.tensors, layers)
     return report
 
 

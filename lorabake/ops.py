@@ -8,8 +8,8 @@ device, patched, and re-encoded.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -19,10 +19,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lorabake import __version__, bake_kernel, delta, devices, dtypes, finite, rounding
-from lorabake.errors import InputError, MatchError, UsageError
+from lorabake import __version__, bake_kernel, delta, devices, dtypes, finite
+from lorabake.errors import MatchError, UsageError
 from lorabake.lora_data import LoraData
 from lorabake.plan import BIAS_PARTS, LoraSpec, MergePlan, PlannedPatch, plan_merge
+from lorabake.quant import write as quant_write
+from lorabake.quant.bake import rebake
+from lorabake.quant.comfy import (  # noqa: F401 (fanout)
+    LogicalBase,
+    QuantLayer,
+    find_layers,
+    member_index,
+    refuse_patched,
+    scaled_fp8_scales,
+)
+from lorabake.quant.gguf_file import GGUFBase, is_gguf, open_gguf
 from lorabake.st_reader import SafetensorsReader, check_input_path, to_tensor
 from lorabake.st_writer import SafetensorsWriter, check_output_path
 
@@ -52,6 +63,8 @@ class MergeOptions:
     lora_cache_bytes: int = DEFAULT_LORA_CACHE
     # Written last into the output's metadata (a recipe's entry, its hash, input fingerprints).
     extra_metadata: tuple[tuple[str, str], ...] = ()
+    gguf_requant: str = "refuse"  # refuse | nearest: a patched GGUF tensor of a type we cannot encode
+    quant: str | None = None  # quantize on the way out: fp8 | nvfp4 | mxfp8 | int8 | a GGUF type or mix
 
 
 @dataclass
@@ -67,6 +80,8 @@ class MergeResult:
     lora_data_sha256: list[str] = field(default_factory=list)
     lost: dict[str, float] = field(default_factory=dict)  # tensor -> fraction of its delta lost to rounding
     saturated: dict[str, float] = field(default_factory=dict)  # tensor -> largest |value| clamped (--saturate)
+    quant_error: dict[str, float] = field(default_factory=dict)  # quantized tensor -> ‖dequantised − patched‖/‖patched‖
+    retyped: dict[str, str] = field(default_factory=dict)  # GGUF tensor -> "IQ4_NL -> Q4_K" (--gguf-requant nearest)
 
     @property
     def autov2(self) -> str | None:
@@ -78,7 +93,7 @@ def open_inputs(base: str, loras: tuple[LoraSpec, ...]) -> tuple[SafetensorsRead
         check_input_path(base)
     for spec in loras:
         check_input_path(spec.path)
-    base_reader = SafetensorsReader(base)
+    base_reader = open_gguf(base) if is_gguf(base) else SafetensorsReader(base)
     return base_reader, [SafetensorsReader(s.path) for s in loras]
 
 
@@ -90,9 +105,18 @@ def merge(opts: MergeOptions, *, progress: Progress | None = None, on_plan: Call
         if not opts.output:
             raise UsageError("missing -o/--output")
         check_output_path(opts.output, inputs=[opts.base, *(s.path for s in opts.loras)], force=opts.force)
+    quant_write.check(opts.quant, opts.base, opts.output, dtype_tag=out_tag, requant=opts.gguf_requant)
     base, lora_readers = open_inputs(opts.base, opts.loras)
     try:
-        plan = plan_merge(base, list(opts.loras), lora_readers)
+        gguf_base = isinstance(base, GGUFBase)
+        layers = {} if gguf_base else find_layers(base.tensors, base.metadata, base.read_bytes, path=base.path)
+        # the planner sees quantized weights with their logical shapes; I/O uses the file as stored
+        plan = plan_merge(LogicalBase(base, layers), list(opts.loras), lora_readers)
+        plan.base = base
+        refuse_patched(layers, [*plan.patches, *(o.target for _, o in plan.unmatched if o.target)], path=base.path)
+        if opts.quant and layers:
+            raise UsageError("--quant needs a plain bf16/fp16/fp32 base; this one is already quantized", path=base.path)
+        layout = quant_write.plan_layout(opts.quant, base, plan.patches, requant=opts.gguf_requant)
         if on_plan:
             on_plan(plan)
         result = MergeResult(plan)
@@ -103,12 +127,26 @@ def merge(opts: MergeOptions, *, progress: Progress | None = None, on_plan: Call
         lora_data = LoraData(opts.lora_cache_bytes)
         result.lora_data_sha256 = [lora_data.verify(lp.reader, lp.lora) for lp in plan.loras]
         finite.check_scales(plan, read=lora_data.peek)
-        _write_merged(opts, plan, out_tag, device, result, progress, lora_data)
+        if gguf_base or opts.quant:
+            _write_quantized(opts, plan, layout, device, result, progress, lora_data)
+        else:
+            _write_merged(opts, plan, layers, out_tag, device, result, progress, lora_data)
         return result
     finally:
         base.close()
         for r in lora_readers:
             r.close()
+
+
+# GGUF outputs and --quant: the writing loop lives with the formats (lorabake.quant.write).
+def _write_quantized(opts: MergeOptions, plan: MergePlan, layout: dict, device: torch.device, result: MergeResult, progress: Progress | None, lora_data: LoraData) -> None:
+    baker = _Baker(opts, plan, {}, device, result, lora_data, {})  # for its LoRA reads
+    patches = {name: functools.partial(_patched, baker, name) for name in plan.patches}  # real fp32 → patched
+    meta = _metadata(opts, plan, result.lora_data_sha256)
+    if isinstance(plan.base, GGUFBase):
+        meta = {k: v for k, v in meta.items() if k.startswith(("lorabake.", "modelspec."))}
+    quant_write.write(opts.quant, plan, opts.output, layout, patches, meta, result, mode=opts.rounding, device=device,
+                      inputs=[opts.base, *(s.path for s in opts.loras)], force=opts.force, progress=progress)
 
 
 def _output_tag(name: str) -> str | None:
@@ -163,31 +201,12 @@ def _stem(path: str) -> str:
     return os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
 
 
-# ComfyUI "scaled fp8" checkpoints: a marker tensor and a per-weight scale.
-SCALED_FP8_MARKER = "scaled_fp8"
-SCALE_SUFFIXES = ("scale_weight", "weight_scale")
-
-
-def scaled_fp8_scales(tensors: dict) -> dict[str, str]:
-    """weight key -> its scale tensor's key, for a scaled-fp8 base (empty for any other base).
-
-    An fp8 weight with a `scale_weight`/`weight_scale` sibling is scaled whether or not the file
-    has the `scaled_fp8` marker (ComfyUI's newer per-layer quant format drops the marker): adding
-    ΔW to raw codes would be wrong by the scale factor.
-    """
-    out = {}
-    for name, info in tensors.items():
-        if not name.endswith(".weight") or info.dtype not in rounding.FP8_TAGS:
-            continue
-        module = name[: -len(".weight")]
-        for suffix in SCALE_SUFFIXES:
-            if f"{module}.{suffix}" in tensors:
-                out[name] = f"{module}.{suffix}"
-    return out
+def _patched(baker: _Baker, name: str, w32: torch.Tensor) -> torch.Tensor:
+    return delta.apply_patches(w32, [baker._math_patch(p) for p in baker.plan.patches[name]])
 
 
 class _Baker:
-    """Produces each output tensor in base order; holds back the partner of a scaled-fp8 pair."""
+    """Produces each output tensor in base order; holds back the partners of a quantized layer."""
 
     def __init__(
         self,
@@ -197,31 +216,24 @@ class _Baker:
         device: torch.device,
         result: MergeResult,
         lora_data: LoraData | None = None,
+        layers: dict[str, QuantLayer] | None = None,
     ):
         self.opts, self.plan, self.out_tags, self.device, self.result = opts, plan, out_tags, device, result
         self.lora_data = lora_data if lora_data is not None else LoraData(0)
+        if layers is None:
+            base = plan.base
+            layers = find_layers(base.tensors, base.metadata, base.read_bytes, path=base.path)
         self.pool: Executor | None = None  # row blocks on its threads (see _compute_threads)
         self.workers = 1
-        self.scale_of = {w: s for w, s in scaled_fp8_scales(plan.base.tensors).items() if w in plan.patches}
-        self.weight_of = {s: w for w, s in self.scale_of.items()}
-        for w, s in self.scale_of.items():  # before any byte is written: per-tensor or per-row only
-            shape, rows = plan.base.tensors[s].shape, plan.base.tensors[w].shape[0]
-            if math.prod(shape) not in (1, rows):
-                raise InputError(
-                    f"scale {list(shape)} of a scaled-fp8 weight {list(plan.base.tensors[w].shape)} is block-wise; "
-                    "only per-tensor and per-row scales can be re-quantised",
-                    path=plan.base.path,
-                    tensor=s,
-                    hint="bake into a bf16/fp16 copy of the model instead",
-                )
+        # quantized layers are re-quantised whole (their scales depend on the whole patched weight)
+        self.layers = member_index(layer for w, layer in layers.items() if w in plan.patches)
         self.held: dict[str, torch.Tensor] = {}
 
     def passes_through(self, name: str) -> bool:
         """Whether the output holds this tensor's stored bytes unchanged (copied file to file)."""
         return (
             name not in self.plan.patches
-            and name not in self.scale_of
-            and name not in self.weight_of
+            and name not in self.layers
             and self.out_tags[name] == self.plan.base.tensors[name].dtype
         )
 
@@ -231,8 +243,8 @@ class _Baker:
         base = self.plan.base
         info = base.tensors[name]
         tag = self.out_tags[name]
-        if name in self.scale_of or name in self.weight_of:
-            return self._scaled_pair(name, buf)
+        if name in self.layers:
+            return self._requantise(name, buf)
         patches = self.plan.patches.get(name)
         if patches:
             return self._bake(name, buf, patches, tag)
@@ -274,32 +286,37 @@ class _Baker:
             param=p.param,
         )
 
-    def _scaled_pair(self, name: str, buf: bytearray) -> torch.Tensor:
-        """Dequantise codes·scale, patch, re-quantise with a recomputed scale; hold the partner."""
+    def _requantise(self, name: str, buf: bytearray) -> torch.Tensor:
+        """Decode a quantized layer, patch it, encode it in its format; hold the partners."""
+        layer = self.layers[name]
         base = self.plan.base
-        weight = self.weight_of.get(name, name)
-        scale_key = self.scale_of[weight]
-        codes = to_tensor(buf, base.tensors[name]) if name == weight else base.read(weight)
-        scale = to_tensor(buf, base.tensors[name]) if name == scale_key else base.read(scale_key)
-        w32 = rounding.dequantize(codes.to(self.device), scale.to(self.device))
-        new32 = delta.apply_patches(w32, [self._math_patch(p) for p in self.plan.patches[weight]])
-        finite.guard(new32, "F32", tensor=weight, sources=finite.lora_paths(self.plan, weight), base32=w32)
-        new_codes, new_scale = rounding.quantize_scaled(
-            new32, base.tensors[weight].dtype, scale_like=scale, mode=self.opts.rounding, seed_key=weight
+        stored = {
+            role: (to_tensor(buf, base.tensors[key]) if key == name else base.read(key)).to(self.device)
+            for role, key in layer.keys.items()
+        }
+        pre = f"{layer.module}.pre_quant_scale"
+        patches = [self._math_patch(p) for p in self.plan.patches[layer.weight]]
+        done = rebake(
+            layer,
+            stored,
+            lambda w32: delta.apply_patches(w32, patches),
+            mode=self.opts.rounding,
+            seed_key=layer.weight,
+            pre_quant_scale=base.read(pre) if pre in base.tensors else None,
         )
-        realised = rounding.dequantize(new_codes, new_scale)
-        # the base as stored is exactly w32 (codes · scale), so it is its own "cast"
-        self.result.lost[weight] = rounding.lost_fraction(w32, new32, realised, base_cast=w32)
+        self.result.lost[layer.weight] = done.lost
+        self.result.quant_error[layer.weight] = done.error
         self.result.tensors_changed += 1
-        produced = {weight: new_codes.cpu(), scale_key: new_scale.cpu()}
-        other = scale_key if name == weight else weight
-        self.held[other] = produced[other]
-        return produced[name]
+        for key, t in done.tensors.items():
+            if key != name:
+                self.held[key] = t.cpu()
+        return done.tensors[name].cpu()
 
 
 def _write_merged(
     opts: MergeOptions,
     plan: MergePlan,
+    layers: dict[str, QuantLayer],
     out_tag: str | None,
     device: torch.device,
     result: MergeResult,
@@ -307,16 +324,17 @@ def _write_merged(
     lora_data: LoraData,
 ) -> None:
     base = plan.base
-    if out_tag and scaled_fp8_scales(base.tensors):
+    if out_tag and layers:
+        kinds = ", ".join(sorted({f"scaled {q.format}" if q.legacy else q.format for q in layers.values()}))
         raise UsageError(
-            "--dtype cannot convert a scaled-fp8 checkpoint (its fp8 weights need their scales)",
+            f"--dtype cannot convert a quantized checkpoint ({kinds}: its weights need their scales)",
             hint="use --dtype keep",
         )
     out_tags = {
         name: out_tag if (out_tag and dtypes.is_float(info.dtype)) else info.dtype for name, info in base.tensors.items()
     }
     entries = [(name, out_tags[name], info.shape) for name, info in base.tensors.items()]
-    baker = _Baker(opts, plan, out_tags, device, result, lora_data)
+    baker = _Baker(opts, plan, out_tags, device, result, lora_data, layers)
     started = time.perf_counter()
     inputs = [opts.base, *(s.path for s in opts.loras)]
     meta = _metadata(opts, plan, result.lora_data_sha256)

@@ -141,7 +141,26 @@ def merge_json(result) -> dict:
         },
         # --saturate: tensor -> the largest |value| clamped to the output dtype's range (null: Inf)
         "saturated": {k: result.saturated[k] for k in sorted(result.saturated)},
+        # re-quantized layers: ‖dequantised output − patched fp32 weight‖ / ‖patched fp32 weight‖
+        "quantization_error": {k: result.quant_error[k] for k in sorted(getattr(result, "quant_error", {}))},
+        "vanished": _vanished(result),
+        "retyped": dict(getattr(result, "retyped", {})),
     }
+
+
+# A LoRA whose patched tensors lost more than this share of their delta on average mostly vanished.
+VANISHED_SHARE = 0.5
+
+
+def _vanished(result) -> list[dict]:
+    """LoRAs whose effect mostly did not survive the output's rounding or quantization."""
+    rows = []
+    for i, lp in enumerate(result.plan.loras):
+        hit = sorted({key for key, patches in result.plan.patches.items() for p in patches if p.lora_index == i})
+        shares = [result.lost[k] for k in hit if k in result.lost]
+        if shares and sum(shares) / len(shares) > VANISHED_SHARE:
+            rows.append({"path": lp.reader.path, "mean_lost": sum(shares) / len(shares), "tensors": len(shares)})
+    return rows
 
 
 def _counts_text(counts: dict[str, int]) -> str:
@@ -180,6 +199,16 @@ def print_merge(result) -> None:
         _out(f"  {len(doc['saturated'])} tensors had values clamped to the output dtype's range (--saturate):")
         for name, peak in list(doc["saturated"].items())[:20]:
             _out(f"    {_one(name)}: largest |value| {peak:.4g}")
+    if doc["quantization_error"]:
+        worst = max(doc["quantization_error"].values())
+        _out(f"  re-quantized {len(doc['quantization_error'])} layers; largest quantization error {worst:.3g} of the weight")
+    for name, change in sorted(doc["retyped"].items()):
+        _out(f"  written in another type: {_esc(name)} {change}")
+    for row in doc["vanished"]:
+        _out(
+            f"  warning: {_esc(row['path'])} lost {row['mean_lost']:.0%} of its delta on average over {row['tensors']} "
+            "tensors: its effect mostly vanished (try --rounding stochastic or a wider format)"
+        )
     _out(f"  sha256: {doc['sha256']}  AutoV2: {doc['autov2']}")
     _out(f"  {doc['bytes_written']} bytes in {doc['seconds']:.2f} s")
 
@@ -215,6 +244,7 @@ def _summary_rows(rep: dict) -> list[tuple[str, str]]:
         if rep["candidates"]:
             rows.append(("candidates", ", ".join(rep["candidates"])))
         rows += [("note", n) for n in rep["notes"]]
+        rows += _quant_rows(rep.get("quantization"))
     else:
         rows += [
             ("architecture from", str(rep["architecture_source"])),
@@ -238,6 +268,19 @@ def _summary_rows(rep: dict) -> list[tuple[str, str]]:
     for key in ("sha256", "autov2", "data_sha256", "sshs_model_hash_matches"):
         if key in rep:
             rows.append((key, str(rep[key])))
+    return rows
+
+
+def _quant_rows(q: dict | None) -> list[tuple[str, str]]:
+    """A quantized checkpoint: formats, bits per weight, format per layer group, kept layers."""
+    if not q:
+        return []
+    rows = [
+        ("quantized", ", ".join(f"{k} {v}" for k, v in q["formats"].items())),
+        ("bits per weight", str(q["bits_per_weight"])),
+        ("high precision", f"{len(q['high_precision'])} groups: " + ", ".join(q["high_precision"][:8])),
+    ]
+    rows += [(f"  {group}", ", ".join(f"{k} {v}" for k, v in fmts.items())) for group, fmts in list(q["groups"].items())[:40]]
     return rows
 
 
