@@ -7,15 +7,16 @@ leaves no output behind.
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass
 
 import gguf
 import numpy as np
 
 from lorabake.errors import OutputError, WriterProtocolError
+from lorabake.outfile import TMP_MARKER
 from lorabake.quant.ggml import GGMLType
 from lorabake.quant.gguf_file import ORIG_SHAPE, Field
-from lorabake.st_writer import temp_path_for
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,8 @@ class OutTensor:
 class GGUFOut:
     def __init__(self, target: str, arch: str | None, fields: list[Field], tensors: list[OutTensor]) -> None:
         self.target = target
-        self.tmp = temp_path_for(target)
+        folder, name = os.path.split(os.path.abspath(target))
+        self.tmp = os.path.join(folder, f".{name}{TMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}")
         self.order = [t.name for t in tensors]
         self.decl = {t.name: t for t in tensors}
         self._next = 0
