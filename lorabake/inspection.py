@@ -23,9 +23,6 @@ from lorabake.detect import detect_checkpoint
 from lorabake.explain import key_rows
 from lorabake.jobs import entry_toml, recipe_from_metadata
 from lorabake.lora_base import identify, module_component_hint
-from lorabake.quant.comfy import find_layers
-from lorabake.quant.gguf_file import is_gguf, open_gguf
-from lorabake.quant.report import comfy_report, gguf_report
 from lorabake.st_reader import SafetensorsReader, check_input_path
 
 # Training metadata worth showing, in this order (kohya `ss_*` keys).
@@ -63,7 +60,10 @@ def inspect_file(
     """The report of one file; with `against` (LoRAs) the merge preflight, with `keys` one row per module."""
     if not os.path.isdir(path):
         check_input_path(path)
-    if is_gguf(path):
+    if path.lower().endswith(".gguf"):
+        from lorabake.quant.gguf_file import open_gguf  # torch and gguf only for GGUF files
+        from lorabake.quant.report import gguf_report
+
         with open_gguf(path) as base:
             report = _checkpoint_report(base)
             report["quantization"] = gguf_report(base.entries)
@@ -117,7 +117,12 @@ def _checkpoint_report(reader: SafetensorsReader) -> dict:
     if recipe is not None:  # made by `lorabake bake`: the entry that rebuilds it
         recipe["toml"] = entry_toml(recipe["entry"]) if isinstance(recipe["entry"], dict) else None
         report["recipe"] = recipe
-    if isinstance(reader, SafetensorsReader):
+    quantized = "_quantization_metadata" in reader.metadata or any(
+        n.endswith((".comfy_quant", ".scale_weight", ".weight_scale")) for n in reader.tensors)
+    if isinstance(reader, SafetensorsReader) and quantized:  # the codecs import torch: only when needed
+        from lorabake.quant.comfy import find_layers
+        from lorabake.quant.report import comfy_report
+
         layers = find_layers(reader.tensors, reader.metadata, reader.read_bytes, path=reader.path)
         if layers:
             report["quantization"] = comfy_report(reader.tensors, layers)
