@@ -97,6 +97,8 @@ def progress_bar(*, enabled: bool, label: str = "baking") -> Iterator[_Bar]:
 
 # -- merge ---------------------------------------------------------------------------------
 def merge_json(result) -> dict:
+    from lorabake.quant.report import vanished_loras  # torch-free CLI import: only when rendering a merge
+
     plan = result.plan
     return {
         "base": plan.base.path,
@@ -143,24 +145,9 @@ def merge_json(result) -> dict:
         "saturated": {k: result.saturated[k] for k in sorted(result.saturated)},
         # re-quantized layers: ‖dequantised output − patched fp32 weight‖ / ‖patched fp32 weight‖
         "quantization_error": {k: result.quant_error[k] for k in sorted(getattr(result, "quant_error", {}))},
-        "vanished": _vanished(result),
+        "vanished": vanished_loras(result),
         "retyped": dict(getattr(result, "retyped", {})),
     }
-
-
-# A LoRA whose patched tensors lost more than this share of their delta on average mostly vanished.
-VANISHED_SHARE = 0.5
-
-
-def _vanished(result) -> list[dict]:
-    """LoRAs whose effect mostly did not survive the output's rounding or quantization."""
-    rows = []
-    for i, lp in enumerate(result.plan.loras):
-        hit = sorted({key for key, patches in result.plan.patches.items() for p in patches if p.lora_index == i})
-        shares = [result.lost[k] for k in hit if k in result.lost]
-        if shares and sum(shares) / len(shares) > VANISHED_SHARE:
-            rows.append({"path": lp.reader.path, "mean_lost": sum(shares) / len(shares), "tensors": len(shares)})
-    return rows
 
 
 def _counts_text(counts: dict[str, int]) -> str:

@@ -20,11 +20,12 @@ LAYERS: list[tuple[str, ...]] = [
     # 0: value types, errors, dtypes, devices: no lorabake imports beyond this layer
     ("types", "errors", "dtypes", "devices", "file_copy"),
     # 1: the safetensors format, and the format knowledge as data (families, adapter grammar)
-    ("st_header", "st_reader", "st_writer", "arch", "adapters", "quant"),
+    ("st_header", "st_reader", "st_writer", "arch", "adapters"),
     # 2: reading names and descriptions: checkpoint detection, LoRA grammar, recipes and jobs; math on tensors
     (
         "detect", "lora_format", "delta", "rounding", "svd", "lowrank", "fold", "bake_kernel",
         "jobs", "recipe", "shards", "provenance", "lora_data",
+        "quant",  # stored formats: codecs (math on tensors over rounding) and the GGUF reader/writer
     ),
     # 3: the rule table
     ("keymap",),

@@ -66,3 +66,18 @@ def gguf_report(entries) -> dict:
     rows = {n: (e.kind.name, e.shape, e.nbytes) for n, e in entries.items()}
     kept = {n for n, e in entries.items() if e.kind.name in ("F32", "F16", "BF16") and len(e.shape) >= 2}
     return summarize(rows, kept)
+
+
+# A LoRA whose patched tensors lost more than this share of their delta on average mostly vanished.
+VANISHED_SHARE = 0.5
+
+
+def vanished_loras(result) -> list[dict]:
+    """LoRAs whose effect mostly did not survive the output's rounding or quantization."""
+    rows = []
+    for i, lp in enumerate(result.plan.loras):
+        hit = sorted({key for key, patches in result.plan.patches.items() for p in patches if p.lora_index == i})
+        shares = [result.lost[k] for k in hit if k in result.lost]
+        if shares and sum(shares) / len(shares) > VANISHED_SHARE:
+            rows.append({"path": lp.reader.path, "mean_lost": sum(shares) / len(shares), "tensors": len(shares)})
+    return rows
