@@ -61,6 +61,9 @@ def install() -> None:
         return  # only the main thread may set handlers (main() called from a worker thread)
     for signum in SIGNALS:
         signal.signal(signum, _handler)
+    # A parent that blocked them (some job runners and CI supervisors do) would otherwise leave a
+    # SIGTERM pending forever: the bake runs on and the temporary file is never cleaned up.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
 
 
 @contextlib.contextmanager

@@ -56,6 +56,8 @@ PAUSED_MERGE = r"""
 import os, signal, sys, time
 # a job started in the background may inherit SIGINT ignored; a user's Ctrl-C is not
 signal.signal(signal.SIGINT, signal.default_int_handler)
+if os.environ.get("LORABAKE_TEST_BLOCKED"):  # as some job runners start their children
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 import lorabake.cli
 from lorabake import outfile, st_writer
 
@@ -84,10 +86,15 @@ lorabake.cli.main(sys.argv[1:])
 """
 
 
-def start_paused_merge(base: str, lora: str, out: str, *, named: bool = False) -> subprocess.Popen:
+def start_paused_merge(base: str, lora: str, out: str, *, named: bool = False,
+                       blocked: bool = False) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("LORABAKE_TEST_NAMED", None)
+    env.pop("LORABAKE_TEST_BLOCKED", None)
     if named:
         env["LORABAKE_TEST_NAMED"] = "1"
+    if blocked:
+        env["LORABAKE_TEST_BLOCKED"] = "1"
     argv = ["merge", base, "--lora", lora, "-o", out]
     proc = subprocess.Popen([sys.executable, "-c", PAUSED_MERGE, *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
@@ -118,6 +125,17 @@ def test_interrupt_mid_write_leaves_nothing(tmp_path, good, sig, named):
     assert "Traceback" not in stderr
     assert [line for line in stderr.splitlines() if line.strip()] == ["Interrupted: nothing was written."]
     assert stdout == ""
+    assert os.listdir(tmp_path) == []
+
+
+def test_interrupt_reaches_a_merge_whose_parent_blocked_signals(tmp_path, good):
+    """A SIGTERM blocked by the parent's signal mask would stay pending forever: the bake ran on."""
+    base, lora = good
+    with untouched(tmp_path, os.path.dirname(base)):
+        proc = start_paused_merge(base, lora, str(tmp_path / "out.safetensors"), blocked=True)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
     assert os.listdir(tmp_path) == []
 
 
