@@ -430,30 +430,54 @@ def check_native(fam: Fam, sd: Tensors, native: Tensors | None = None) -> Tensor
     return native
 
 
+def row_sources(fam: Fam, sd: Tensors) -> dict[str, list[tuple[str, int, int, int]]]:
+    """native key -> [(diffusers key, first native row, rows, first diffusers row)], in row order.
+
+    Learnt by tagging every row of every diffusers tensor with (owner, row) and running `to_native` on the
+    tags; works for renames, row concatenation and row permutation (swapped halves).
+    """
+    keys = [k for k, v in sd.items() if v.dim()]
+    tagged = {
+        k: (torch.arange(sd[k].shape[0], dtype=torch.float64) + i * 1e6)
+        .reshape(-1, *([1] * (sd[k].dim() - 1)))
+        .expand(sd[k].shape)
+        for i, k in enumerate(keys)
+    }
+    out: dict[str, list[tuple[str, int, int, int]]] = {}
+    for nkey, tag in fam.to_native(tagged).items():
+        column = tag.reshape(tag.shape[0], -1)[:, 0].tolist() if tag.shape[0] == sd_rows(tag) else None
+        if column is None:  # reshaped (flattened) tensor: one piece, the whole tensor
+            owner = int(tag.reshape(-1)[0].item() // 1e6)
+            out[nkey] = [(keys[owner], 0, tag.shape[0], 0)]
+            continue
+        pieces, start = [], 0
+        while start < len(column):
+            owner, first = divmod(int(column[start]), 1_000_000)
+            stop = start + 1
+            while stop < len(column) and int(column[stop]) == int(column[start]) + (stop - start):
+                stop += 1
+            pieces.append((keys[owner], start, stop - start, first))
+            start = stop
+        out[nkey] = pieces
+    return out
+
+
+def sd_rows(tag: torch.Tensor) -> int:
+    """Rows of a tagged native tensor whose rows are whole diffusers rows (not a flattened table)."""
+    flat = tag.reshape(tag.shape[0], -1)
+    return tag.shape[0] if bool((flat == flat[:, :1]).all()) else -1
+
+
 def _unfuse_by_shapes(native: Tensors, sd: Tensors, fam: Fam) -> Tensors:
     """diffusers state dict from `native`, bands cut at the widths `sd` has (the converters' constants
-    replaced by the tiny model's own widths; renames taken from `to_native` itself)."""
+    replaced by the tiny model's own widths; renames and bands learnt from `to_native` by `row_sources`)."""
     back: Tensors = {}
-    keys = list(sd)
-    # Tag every row with (owner index, row): where a native row came from is then read off the values.
-    tagged = {
-        k: (torch.arange(v.shape[0], dtype=torch.float64) + i * 1e6).reshape(-1, *([1] * (v.dim() - 1))).expand(v.shape)
-        for i, (k, v) in enumerate(sd.items())
-        if v.dim()
-    }
-    fused = fam.to_native(tagged)
-    for nkey, tag in fused.items():
-        column = tag.reshape(tag.shape[0], -1)[:, 0]
-        owners = (column // 1e6).long()
-        start = 0
-        while start < len(owners):
-            owner = int(owners[start])
-            stop = start
-            while stop < len(owners) and int(owners[stop]) == owner:
-                stop += 1
-            dkey = keys[owner]
-            back[dkey] = native[nkey][start:stop].reshape(sd[dkey].shape)
-            start = stop
+    for nkey, pieces in row_sources(fam, sd).items():
+        for dkey, start, n, first in pieces:
+            part = native[nkey][start : start + n]
+            if dkey not in back:
+                back[dkey] = torch.empty_like(sd[dkey])
+            back[dkey][first : first + n] = part.reshape(n, *sd[dkey].shape[1:])
     return back
 
 
