@@ -20,7 +20,15 @@ from functools import cache
 import torch
 
 from tests.famfix import FAMILIES, Fam, Tensors, row_sources
-from tests.famlora import Lora, diffusers_fused, linear_shapes, make_lora, to_diffusers_lora, weight_shapes, write_lora
+from tests.famlora import (
+    Lora,
+    diffusers_fused,
+    linear_shapes,
+    make_lora,
+    to_diffusers_lora,
+    weight_shapes,
+    write_lora,
+)
 
 
 @dataclass(frozen=True)
