@@ -203,8 +203,8 @@ def _shaped(base: Target, alias: Alias, shape: tuple[int, ...]) -> Target | None
     if alias.part is not None:
         hidden = shape[1]
         start, end = PARTS[alias.part] if isinstance(alias.part, str) else alias.part
-        first = _rows_of(start, hidden)
-        stop = shape[0] if end is None else _rows_of(end, hidden)
+        first = _rows_of(start, hidden, shape[0])
+        stop = shape[0] if end is None else _rows_of(end, hidden, shape[0])
         if first is None or stop is None or stop > shape[0] or stop <= first:
             return None
         row_slice = RowSlice(first, stop - first)
@@ -213,9 +213,11 @@ def _shaped(base: Target, alias: Alias, shape: tuple[int, ...]) -> Target | None
     return replace(base, slice=row_slice, transform=alias.transform)
 
 
-def _rows_of(units: float, hidden: int) -> int | None:
-    """`units` × H as a whole row count, or None when it is not one (the band does not fit this weight)."""
-    rows = units * hidden
+def _rows_of(bound: float | tuple[float, float], hidden: int, total: int) -> int | None:
+    """A band bound as a whole row count: `bound` × H, or h·H + r·R for an (h, r) pair (R = the weight's
+    rows); None when it is not whole (the band does not fit this weight)."""
+    h, r = bound if isinstance(bound, tuple) else (bound, 0.0)
+    rows = h * hidden + r * total
     return round(rows) if abs(rows - round(rows)) < 1e-6 else None
 
 

@@ -22,8 +22,11 @@ _GUARDS = {
 _SUFFIXES_LONGEST_FIRST = tuple(sorted(SUFFIXES, key=lambda s: -len(s.text)))
 
 # PEFT writes `<module>.lora_A.<adapter>.weight` in raw dumps; `.default`/`.default_N` is the
-# adapter name PEFT and DiffSynth use. Strip one such segment before suffix matching.
-_ADAPTER_INFIX = re.compile(r"\.(lora_A|lora_B|lora_magnitude_vector)\.default(?:_\d+)?(?=\.weight$|\.bias$|$)")
+# adapter name PEFT and DiffSynth use, and DiffSynth-Studio's Qwen-Image LoRAs nest it once more
+# (`lora_A.default_0.default.weight`, DiffSynth-Studio #886). Strip it before suffix matching.
+_ADAPTER_INFIX = re.compile(
+    r"\.(lora_A|lora_B|lora_magnitude_vector)\.default(?:_\d+)?(?:\.default)?(?=\.weight$|\.bias$|$)"
+)
 
 
 def split(key: str, keys: Mapping[str, object]) -> tuple[str, str, str | None] | None:

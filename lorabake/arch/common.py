@@ -51,15 +51,16 @@ class TextEncoderKind(NamedTuple):
 class Alias(NamedTuple):
     """One other name of a checkpoint module: `name` (a template with {n} = block index).
 
-    `part` selects rows of a fused weight: a name in PARTS, or (start, stop) in units of the
-    weight's in-features H (stop None = to the end), so unequal bands (GQA: q is H rows, k and v
-    fewer) are written as they are; a band that does not fit the weight's shape drops the row.
+    `part` selects rows of a fused weight: a name in PARTS, or (start, stop) whose bounds are
+    rows in units of the weight's in-features H, or (h, r) pairs meaning h·H + r·R with R the
+    weight's rows (stop None = to the end). So bands are read from the shape: GQA's k and v share
+    what q (H rows) leaves, halves are R/2; a band that does not fit the weight's shape drops the row.
     `transform` is applied to ΔW; `rows`, when set, restricts the row to weights with
     rows == rows × H.
     """
 
     name: str
-    part: str | tuple[float, float | None] | None = None
+    part: str | tuple[float | tuple[float, float], float | tuple[float, float] | None] | None = None
     transform: str | None = None
     rows: int | None = None
 
@@ -142,13 +143,23 @@ class Family(NamedTuple):
     structures: tuple[str, ...] = ()
 
 
-# Row ranges of fused weights in units of H (= the weight's in-features): [start, end), None = to the end.
-PARTS: dict[str, tuple[float, float | None]] = {
+# Row ranges of fused weights: [start, end), None = to the end; a bound is a number of H (the weight's
+# in-features) or an (h, r) pair meaning h·H + r·R (R = the weight's rows).
+Bound = float | tuple[float, float]
+PARTS: dict[str, tuple[Bound, Bound | None]] = {
     "q": (0, 1),
     "k": (1, 2),
     "v": (2, 3),
     "qkv": (0, 3),
     "mlp": (3, None),  # a fused q ‖ k ‖ v ‖ mlp-in projection
+    # q ‖ k ‖ v with grouped-query attention: q has H rows, k and v split the other R - H equally
+    # (equal thirds when there are as many k/v heads as q heads)
+    "gqa_q": (0, 1),
+    "gqa_k": (1, (0.5, 0.5)),
+    "gqa_v": ((0.5, 0.5), None),
+    # two stacked projections of equal size (SwiGLU gate ‖ up)
+    "half1": (0, (0, 0.5)),
+    "half2": ((0, 0.5), None),
 }
 
 # Parameter names that carry a module's weight (the target) and the matching bias parameter.

@@ -1,0 +1,97 @@
+"""`lorabake merge` of every family × flavour case against diffusers' fused weights (tests/famcases.py).
+
+The tiny model of each family is written in its native layout (bare, bf16, as the official files ship) and in
+the ComfyUI layout (`model.diffusion_model.`, fp32); each LoRA flavour is baked at strength 0.7 and every
+tensor is compared with diffusers' `load_lora_weights` + `fuse_lora` on the same weights, mapped to native
+names by the inverse of diffusers' own single-file converter:
+
+  - exactly the tensors the LoRA targets change; all others are bit-identical to the base;
+  - fp32 file: equal to diffusers' fp32 result within rtol 1e-5 (rounding order only);
+  - bf16 file: within 1e-3 relative (norm) of diffusers' result rounded to bf16, and equal to it in at
+    least 99% of the elements (a different fp32 rounding order can flip a bf16 rounding now and then).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.cli_helpers import run_main
+from tests.famcases import CASES, build_case
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+COMFY = "model.diffusion_model."
+DONE = {"qwen-image"}  # families with a module in lorabake/arch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def merge(base_path, lora_arg: str, out_path) -> dict:
+    code, stdout, err = run_main(["merge", str(base_path), "--lora", lora_arg, "-o", str(out_path), "--json"])
+    assert code == 0, err
+    summary = json.loads(stdout)
+    lora = summary["loras"][0]
+    assert lora["unmatched"] == {} and lora["not_applied"] == []
+    return summary
+
+
+def assert_matches(ours: dict, want: dict, base: dict, *, bf16: bool) -> set[str]:
+    assert set(ours) == set(base)
+    changed = {k for k in base if not torch.equal(want[k].to(base[k].dtype), base[k])}
+    assert {k for k in base if not torch.equal(ours[k], base[k])} == changed
+    for key in changed:
+        got, ref = ours[key].float(), want[key].float()
+        if bf16:
+            ref = ref.bfloat16().float()
+            rel = ((got - ref).norm() / ref.norm()).item()
+            same = (got == ref).float().mean().item()
+            assert rel <= 1e-3 and same >= 0.99, f"{key}: relative {rel:.2e}, equal {same:.4f}"
+        else:
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+    return changed
+
+
+@pytest.mark.parametrize("layout", ["native-bf16", "comfyui-fp32"])
+@pytest.mark.parametrize("case", [c for c in CASES if c.family in DONE], ids=lambda c: c.id)
+def test_merge_matches_diffusers_fuse_lora(case, layout, tmp_path):
+    built = build_case(case)
+    prefix, dtype = ("", torch.bfloat16) if layout == "native-bf16" else (COMFY, torch.float32)
+    base = {prefix + k: v.to(dtype) for k, v in built.native.items()}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    merge(tmp_path / "base.safetensors", f"{built.lora_path}:{case.strength}", tmp_path / "out.safetensors")
+    ours = load_file(str(tmp_path / "out.safetensors"))
+    want = {prefix + k: v for k, v in built.native_reference.items()}
+    changed = assert_matches(ours, want, base, bf16=dtype == torch.bfloat16)
+    assert len(changed) == len({prefix + k for k in built.native if k[: -len(".weight")] in built.lora}) or (
+        built.case.naming == "diffusers"
+    )
+
+
+# another family's LoRA for each family's base: refused, both named
+FOREIGN = {"qwen-image": "flux2-aitk-native"}
+
+
+@pytest.mark.parametrize("family", sorted(DONE))
+def test_lora_of_another_family_is_refused_naming_both(family, tmp_path):
+    own = build_case(next(c for c in CASES if c.family == family))
+    other = build_case(next(c for c in CASES if c.id == FOREIGN[family]))
+    save_file({k: v.bfloat16() for k, v in own.native.items()}, str(tmp_path / "base.safetensors"))
+    code, _, err = run_main(
+        ["merge", str(tmp_path / "base.safetensors"), "--lora", other.lora_path, "-o", str(tmp_path / "out.safetensors")]
+    )
+    assert code != 0 and err.startswith("Error:") and len(err.strip().splitlines()) == 1
+    assert f"LoRA is for {other.case.family}" in err and f"is {family}" in err
+    assert not (tmp_path / "out.safetensors").exists()
