@@ -57,6 +57,7 @@ def detect_checkpoint(
     matches = [(fam, lay) for fam in FAMILIES.values() for lay in fam.layouts if _matches(lay, tensors)]
     # A bare-prefix layout also matches a prefixed file's keys only if they are bare too, so several matches
     # of one family cannot happen with real files; keep the longest prefix to be safe.
+    matches = _most_specific(matches)
     archs = sorted({fam.arch for fam, _ in matches}, key=list(FAMILIES).index)
     notes: list[str] = []
     said = arch_from_metadata(metadata)
@@ -114,6 +115,21 @@ def arch_from_metadata(metadata: Mapping[str, str]) -> str | None:
         if any((metadata.get(flag) or "").strip().lower() == "true" for flag in fam.legacy_flags):
             return fam.arch
     return None
+
+
+def _most_specific(matches: list[tuple[Family, Layout]]) -> list[tuple[Family, Layout]]:
+    """Drop a match whose probe tensors are a strict subset of another family's match.
+
+    Families built on another's layout (Chroma and FLUX.2 on FLUX.1's `double_blocks`) add probes for what
+    only they have; the older family's probes then say nothing against them, and the new module does not
+    have to edit the old one.
+    """
+    keys = [(fam, {lay.prefix + p.key for p in lay.probes}) for fam, lay in matches]
+    return [
+        m
+        for m, (fam, own) in zip(matches, keys, strict=True)
+        if not any(other is not fam and own < theirs for other, theirs in keys)
+    ]
 
 
 def _matches(layout: Layout, tensors: Mapping[str, TensorInfo]) -> bool:

@@ -28,7 +28,15 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 COMFY = "model.diffusion_model."
-DONE = {"qwen-image"}  # families with a module in lorabake/arch
+# key list (tests/famfix.py) -> the family module in lorabake/arch that owns it
+FAMILY_OF = {
+    "qwen-image": "qwen-image",
+    "qwen-image-2.1": "qwen-image",
+    "flux2": "flux2",
+    "z-image": "z-image",
+    "lumina2": "lumina2",
+}
+DONE = set(FAMILY_OF)
 
 
 @pytest.fixture(autouse=True)
@@ -81,10 +89,15 @@ def test_merge_matches_diffusers_fuse_lora(case, layout, tmp_path):
 
 
 # another family's LoRA for each family's base: refused, both named
-FOREIGN = {"qwen-image": "flux2-aitk-native"}
+FOREIGN = {
+    "qwen-image": "flux2-aitk-native",
+    "flux2": "qwen-image-kohya-diffusers",
+    "z-image": "lumina2-peft-diffusers",
+    "lumina2": "z-image-kohya-diffusers",
+}
 
 
-@pytest.mark.parametrize("family", sorted(DONE))
+@pytest.mark.parametrize("family", sorted(FOREIGN))
 def test_lora_of_another_family_is_refused_naming_both(family, tmp_path):
     own = build_case(next(c for c in CASES if c.family == family))
     other = build_case(next(c for c in CASES if c.id == FOREIGN[family]))
@@ -93,5 +106,5 @@ def test_lora_of_another_family_is_refused_naming_both(family, tmp_path):
         ["merge", str(tmp_path / "base.safetensors"), "--lora", other.lora_path, "-o", str(tmp_path / "out.safetensors")]
     )
     assert code != 0 and err.startswith("Error:") and len(err.strip().splitlines()) == 1
-    assert f"LoRA is for {other.case.family}" in err and f"is {family}" in err
+    assert f"LoRA is for {FAMILY_OF[other.case.family]}" in err and f"is {family}" in err
     assert not (tmp_path / "out.safetensors").exists()

@@ -1,0 +1,92 @@
+"""Lumina-Image 2.0 (and Neta Lumina): NextDiT with grouped-query fused `attention.qkv`, Gemma 2 2B captions.
+
+Original names as the reference code and ComfyUI's all-in-one file (`text_encoders.gemma2_2b.`, `vae.`)
+store them; diffusers renames them (loaders/single_file_utils.py convert_lumina2_to_diffusers): `attention`
+-> `attn`, q ‖ k ‖ v split (2304, 768, 768 at full size: bands read from the shape here), `w1/w2/w3` ->
+`linear_1/2/3`, `adaLN_modulation.1` -> `norm1.linear`, `attention_norm1/2` -> `norm1(.norm)`/`norm2`,
+`cap_embedder` / `t_embedder.mlp` -> `time_caption_embed.*`, `final_layer` -> `norm_out.linear_1/2`.
+ComfyUI also maps the Z-Image style `attention.to_q` names onto Lumina 2 (comfy/utils.py
+z_image_to_diffusers), so both spellings are accepted.
+"""
+
+from lorabake.arch import _nextdit
+from lorabake.arch.common import (
+    DIT_LORA_PREFIXES,
+    Alias,
+    BlockGroup,
+    Family,
+    Layout,
+    Probe,
+    Renames,
+    TextEncoder,
+    TextEncoderKind,
+)
+
+_S = _nextdit.STACKS
+_MODULES: dict[str, tuple[Alias, ...]] = {
+    **_nextdit.qkv_rows("attn"),
+    **_nextdit.attention_rows("attn"),
+    **{f"{s}.{{n}}.feed_forward.w{i}": (Alias(f"{s}.{{n}}.feed_forward.linear_{i}"),) for s in _S for i in (1, 2, 3)},
+    **{f"{s}.{{n}}.adaLN_modulation.1": (Alias(f"{s}.{{n}}.norm1.linear"),) for s in ("layers", "noise_refiner")},
+    **{f"{s}.{{n}}.attention_norm1": (Alias(f"{s}.{{n}}.norm1.norm"),) for s in ("layers", "noise_refiner")},
+    "context_refiner.{n}.attention_norm1": (Alias("context_refiner.{n}.norm1"),),
+    **{f"{s}.{{n}}.attention_norm2": (Alias(f"{s}.{{n}}.norm2"),) for s in _S},
+    "cap_embedder.{n}": (Alias("time_caption_embed.caption_embedder.{n}"),),
+    "t_embedder.mlp.0": (Alias("time_caption_embed.timestep_embedder.linear_1"),),
+    "t_embedder.mlp.2": (Alias("time_caption_embed.timestep_embedder.linear_2"),),
+    "final_layer.adaLN_modulation.1": (Alias("norm_out.linear_1"),),
+    "final_layer.linear": (Alias("norm_out.linear_2"),),
+}
+
+NATIVE_TO_DIFFUSERS = Renames("native", "diffusers", modules=_MODULES, note="Lumina 2 original -> diffusers")
+# ComfyUI's Lumina2 key map (the Z-Image one): `attention.to_q/to_k/to_v/to_out.0` on the original names
+COMFY_STYLE = Renames(
+    "native",
+    "comfy",
+    modules={**_nextdit.qkv_rows("attention"), **_nextdit.attention_rows("attention")},
+    note="ComfyUI z_image_to_diffusers names on Lumina 2",
+)
+
+_NATIVE = (Probe("layers.0.attention.qkv.weight"), Probe("layers.0.adaLN_modulation.1.weight"), Probe("cap_embedder.1.weight"))
+_DIFFUSERS = (Probe("layers.0.attn.to_q.weight"), Probe("time_caption_embed.caption_embedder.1.weight"))
+
+_GEMMA2_TARGETS = tuple(f"self_attn.{p}_proj.weight" for p in "qkvo") + tuple(
+    f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")
+)
+
+FAMILY = Family(
+    arch="lumina2",
+    title="Lumina-Image 2.0",
+    modelspec="lumina-image-2",
+    kohya="lumina2",
+    metadata_names=("lumina-image-2", "lumina2", "lumina_2", "lumina"),
+    diffusion="dit",
+    diffusion_kind="lumina2",
+    layouts=(
+        Layout("comfyui", "model.diffusion_model.", "native", _NATIVE),
+        Layout("native", "", "native", _NATIVE),
+        Layout("diffusers", "transformer.", "diffusers", _DIFFUSERS),
+        Layout("diffusers", "", "diffusers", _DIFFUSERS),
+    ),
+    text_encoders=(
+        TextEncoder(
+            "te1",
+            (("text_encoders.gemma2_2b.", "gemma2_2b"), ("text_encoder.", "gemma2_2b")),
+            # kohya sd-scripts lora_lumina.py: LORA_PREFIX_TEXT_ENCODER = "lora_te"
+            ("lora_te_", "lora_te1_", "text_encoder.", "text_encoders.gemma2_2b."),
+        ),
+    ),
+    # kohya sd-scripts lora_lumina.py trains the original module names (lora_unet_layers_0_attention_qkv)
+    kohya_names={"dit": ("lora_unet_", "native"), "te1": ("lora_te_", "hf")},
+    renames=(NATIVE_TO_DIFFUSERS, COMFY_STYLE),
+    lora_prefixes=DIT_LORA_PREFIXES,
+    extract_targets=_nextdit.EXTRACT_TARGETS,
+    block_groups=(
+        BlockGroup("layer{n}", "layers.{n}."),
+        BlockGroup("noise_refiner{n}", "noise_refiner.{n}."),
+        BlockGroup("context_refiner{n}", "context_refiner.{n}."),
+    ),
+    implementation="https://github.com/Alpha-VLLM/Lumina-Image-2.0",
+    order=62,
+    text_encoder_kinds={"gemma2_2b": TextEncoderKind("hf", (), _GEMMA2_TARGETS)},
+)
