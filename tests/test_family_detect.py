@@ -23,6 +23,9 @@ ROWS: dict[str, tuple[str, tuple[tuple[str, str], ...], tuple[str, ...]]] = {
     "qwen-image-2.1": ("qwen-image", (("", "native"), ("model.diffusion_model.", "comfyui")), ("Qwen-Image 2.1",)),
     "z-image": ("z-image", (("", "native"), ("model.diffusion_model.", "comfyui")), ()),
     "lumina2": ("lumina2", (("", "native"), ("model.diffusion_model.", "comfyui")), ()),
+    "chroma": ("chroma", (("", "bfl"), ("model.diffusion_model.", "comfyui")), ()),
+    "hidream": ("hidream", (("", "native"), ("model.diffusion_model.", "comfyui"), ("transformer.", "diffusers")), ()),
+    "krea2": ("krea2", (("", "native"), ("model.diffusion_model.", "comfyui")), ()),
     "flux2": ("flux2", (("", "bfl"), ("model.diffusion_model.", "comfyui")), ("guidance embedder present (dev-like)",)),
 }
 LISTS = ("flux2", "qwen-image", "qwen-image-2.1", "z-image", "lumina2", "chroma", "hidream", "krea2")

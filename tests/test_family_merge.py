@@ -35,6 +35,9 @@ FAMILY_OF = {
     "flux2": "flux2",
     "z-image": "z-image",
     "lumina2": "lumina2",
+    "chroma": "chroma",
+    "hidream": "hidream",
+    "krea2": "krea2",
 }
 DONE = set(FAMILY_OF)
 
@@ -94,6 +97,9 @@ FOREIGN = {
     "flux2": "qwen-image-kohya-diffusers",
     "z-image": "lumina2-peft-diffusers",
     "lumina2": "z-image-kohya-diffusers",
+    "chroma": "krea2-aitk-native",
+    "hidream": "qwen-image-peft-diffusers",
+    "krea2": "hidream-aitk-diffusers",
 }
 
 

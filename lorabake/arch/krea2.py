@@ -1,0 +1,80 @@
+"""Krea 2 (Raw, Turbo): a single-stream DiT with gated GQA attention and a layer-wise text fusion stack.
+
+Original names (`krea/Krea-2-Raw` raw.safetensors) as diffusers loaders/single_file_utils.py
+convert_krea2_transformer_checkpoint_to_diffusers renames them: `blocks.N.attn.wq/wk/wv/wo/gate` ->
+`transformer_blocks.N.attn.to_q/to_k/to_v/to_out.0/to_gate`, `mlp.gate/up/down` -> `ff.*`,
+`txtfusion.*` -> `text_fusion.*`, `first` -> `img_in`, `tmlp` -> `time_embed`, `tproj.1` -> `time_mod_proj`,
+`txtmlp` -> `txt_in`, `last.linear` -> `final_layer.linear`. Some tools drop the `.0` of `to_out` (ComfyUI
+comfy/utils.py krea2_to_diffusers maps both). The flat `mod.lin` modulation is not a LoRA target.
+"""
+
+from lorabake.arch.common import DIT_LORA_PREFIXES, Alias, BlockGroup, Family, Layout, Probe, Renames
+
+_STACKS = {
+    "blocks": "transformer_blocks",
+    "txtfusion.layerwise_blocks": "text_fusion.layerwise_blocks",
+    "txtfusion.refiner_blocks": "text_fusion.refiner_blocks",
+}
+_INNER = {
+    "attn.wq": ("attn.to_q",),
+    "attn.wk": ("attn.to_k",),
+    "attn.wv": ("attn.to_v",),
+    "attn.wo": ("attn.to_out.0", "attn.to_out"),
+    "attn.gate": ("attn.to_gate",),
+    "attn.qknorm.qnorm": ("attn.norm_q",),
+    "attn.qknorm.knorm": ("attn.norm_k",),
+    "mlp.gate": ("ff.gate",),
+    "mlp.up": ("ff.up",),
+    "mlp.down": ("ff.down",),
+    "prenorm": ("norm1",),
+    "postnorm": ("norm2",),
+}
+
+NATIVE_TO_DIFFUSERS: dict[str, tuple[Alias, ...]] = {
+    **{
+        f"{native}.{{n}}.{inner}": tuple(Alias(f"{ours}.{{n}}.{d}") for d in names)
+        for native, ours in _STACKS.items()
+        for inner, names in _INNER.items()
+    },
+    "first": (Alias("img_in"),),
+    "tmlp.0": (Alias("time_embed.linear_1"),),
+    "tmlp.2": (Alias("time_embed.linear_2"),),
+    "tproj.1": (Alias("time_mod_proj"),),
+    "txtmlp.0": (Alias("txt_in.norm"),),
+    "txtmlp.1": (Alias("txt_in.linear_1"),),
+    "txtmlp.3": (Alias("txt_in.linear_2"),),
+    "txtfusion.projector": (Alias("text_fusion.projector"),),
+    "last.linear": (Alias("final_layer.linear"),),
+    "last.norm": (Alias("final_layer.norm"),),
+}
+
+_NATIVE = (Probe("blocks.0.attn.wq.weight"), Probe("txtfusion.projector.weight"))
+_DIFFUSERS = (Probe("transformer_blocks.0.attn.to_gate.weight"), Probe("text_fusion.projector.weight"))
+
+_EXTRACT_TARGETS = tuple(f"attn.{p}.weight" for p in ("wq", "wk", "wv", "wo", "gate")) + tuple(
+    f"mlp.{p}.weight" for p in ("gate", "up", "down")
+)
+
+FAMILY = Family(
+    arch="krea2",
+    title="Krea 2",
+    modelspec="krea-2",
+    kohya="krea2",
+    metadata_names=("krea-2", "krea2", "krea_2"),
+    diffusion="dit",
+    diffusion_kind="krea2",
+    layouts=(
+        Layout("comfyui", "model.diffusion_model.", "native", _NATIVE),
+        Layout("native", "", "native", _NATIVE),
+        Layout("diffusers", "transformer.", "diffusers", _DIFFUSERS),
+        Layout("diffusers", "", "diffusers", _DIFFUSERS),
+    ),
+    text_encoders=(),
+    kohya_names={"dit": ("lora_unet_", "native")},
+    renames=(Renames("native", "diffusers", modules=NATIVE_TO_DIFFUSERS, note="Krea 2 original -> diffusers"),),
+    lora_prefixes=DIT_LORA_PREFIXES,
+    extract_targets=_EXTRACT_TARGETS,
+    block_groups=(BlockGroup("block{n}", "blocks.{n}."),),
+    implementation="https://github.com/krea-ai",
+    order=64,
+)
