@@ -69,3 +69,62 @@ def test_inspect_names_the_family(name, tmp_path):
     code, out, err = run_main(["inspect", str(tmp_path / "base.safetensors")])
     assert code == 0, err
     assert f"architecture: {family}" in out
+
+
+# --- declared structures and LoRA-alone matching (lorabake.lora_base) -----------------------------------
+
+STRUCTURES = [("flux2", 0, "flux2"), ("qwen-image", 0, "qwen-image"), ("qwen-image", 1, "qwen-image-2.1"),
+              ("z-image", 0, "z-image"), ("lumina2", 0, "lumina2"), ("chroma", 0, "chroma"),
+              ("hidream", 0, "hidream"), ("krea2", 0, "krea2")]
+
+
+@pytest.mark.parametrize("family, variant, keylist", STRUCTURES)
+def test_declared_structure_is_the_key_list(family, variant, keylist):
+    from lorabake.arch import FAMILIES
+    from lorabake.lora_base import structure_rows
+
+    declared = dict(structure_rows(FAMILIES[family].structures[variant]))
+    real = {k: tuple(v["shape"]) for k, v in arch_tensors(keylist).items() if not k.endswith("bias")}
+    assert declared == real
+
+
+def _lora_header(shapes: dict[str, tuple[int, int]], flavour: str, rank: int = 2) -> dict:
+    from tests.famlora import FLAVOURS
+
+    prefix, joined, down_sfx, up_sfx, with_alpha = FLAVOURS[flavour]
+    out = {}
+    for name, (rows, cols) in shapes.items():
+        stem = prefix + (name.replace(".", "_") if joined else name)
+        out[stem + down_sfx] = info(stem + down_sfx, (rank, cols), "BF16")
+        out[stem + up_sfx] = info(stem + up_sfx, (rows, rank), "BF16")
+        if with_alpha:
+            out[stem + ".alpha"] = info(stem + ".alpha", (), "F32")
+    return out
+
+
+def _first_block(shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """Modules of block 0 of every stack and the top-level ones: a LoRA of real shapes, kept small."""
+    return {k: v for k, v in shapes.items() if not any(p.isdigit() and p != "0" for p in k.split("."))}
+
+
+# (key list, flavour, naming) of full-size LoRAs; the family the LoRA alone must be matched to
+LORA_ROWS = [(c.family, c.flavour, c.naming) for c in __import__("tests.famcases", fromlist=["CASES"]).CASES]
+
+
+@pytest.mark.parametrize("keylist, flavour, naming", LORA_ROWS, ids=lambda v: str(v))
+def test_full_size_lora_alone_is_matched_to_its_family(keylist, flavour, naming):
+    pytest.importorskip("diffusers")
+    from lorabake.lora_base import match_lora
+    from lorabake.lora_format import parse_lora
+    from tests.famfix import FAMILIES as KEYLISTS
+    from tests.famlora import linear_shapes, weight_shapes
+    from tests.test_family_merge import FAMILY_OF
+
+    if naming == "diffusers":
+        shapes = linear_shapes(KEYLISTS[keylist].model(full=True))
+    else:
+        shapes = weight_shapes({k: torch.empty(e["shape"], device="meta") for k, e in arch_tensors(keylist).items()})
+    header = _lora_header(_first_block(shapes), flavour)
+    lora = parse_lora(header, {}, path="lora.safetensors")
+    got = match_lora(lora.modules, header, {})
+    assert got.arch == FAMILY_OF[keylist], got

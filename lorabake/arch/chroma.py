@@ -62,6 +62,33 @@ _EXTRACT_TARGETS = tuple(
     f"{s}_{m}.weight" for s in ("img", "txt") for m in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2")
 ) + ("linear1.weight", "linear2.weight")
 
+# Chroma1-HD: 19 double, 38 single blocks, width 3072, 5-layer guidance approximator (rows printed by scripts/family_structure.py from tests/data/arch/chroma.json.gz).
+_STRUCTURE = """\
+distilled_guidance_layer.in_proj.weight 5120x64
+distilled_guidance_layer.layers.{0-4}.in_layer.weight 5120x5120
+distilled_guidance_layer.layers.{0-4}.out_layer.weight 5120x5120
+distilled_guidance_layer.norms.{0-4}.scale 5120
+distilled_guidance_layer.out_proj.weight 3072x5120
+double_blocks.{0-18}.img_attn.norm.key_norm.scale 128
+double_blocks.{0-18}.img_attn.norm.query_norm.scale 128
+double_blocks.{0-18}.img_attn.proj.weight 3072x3072
+double_blocks.{0-18}.img_attn.qkv.weight 9216x3072
+double_blocks.{0-18}.img_mlp.0.weight 12288x3072
+double_blocks.{0-18}.img_mlp.2.weight 3072x12288
+double_blocks.{0-18}.txt_attn.norm.key_norm.scale 128
+double_blocks.{0-18}.txt_attn.norm.query_norm.scale 128
+double_blocks.{0-18}.txt_attn.proj.weight 3072x3072
+double_blocks.{0-18}.txt_attn.qkv.weight 9216x3072
+double_blocks.{0-18}.txt_mlp.0.weight 12288x3072
+double_blocks.{0-18}.txt_mlp.2.weight 3072x12288
+final_layer.linear.weight 64x3072
+img_in.weight 3072x64
+single_blocks.{0-37}.linear1.weight 21504x3072
+single_blocks.{0-37}.linear2.weight 3072x15360
+single_blocks.{0-37}.norm.key_norm.scale 128
+single_blocks.{0-37}.norm.query_norm.scale 128
+txt_in.weight 3072x4096"""
+
 FAMILY = Family(
     arch="chroma",
     title="Chroma",
@@ -96,4 +123,5 @@ FAMILY = Family(
     ),
     implementation="https://github.com/lodestone-rock/flow",
     order=52,
+    structures=(_STRUCTURE,),
 )

@@ -75,6 +75,36 @@ _EXTRACT_TARGETS = tuple(
     f"{s}_{m}.weight" for s in ("img", "txt") for m in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2")
 ) + ("linear1.weight", "linear2.weight")
 
+# FLUX.2-dev: 8 double blocks, 48 single blocks, width 6144 (klein: fewer, narrower) (rows printed by scripts/family_structure.py from tests/data/arch/flux2.json.gz).
+_STRUCTURE = """\
+double_blocks.{0-7}.img_attn.norm.key_norm.scale 128
+double_blocks.{0-7}.img_attn.norm.query_norm.scale 128
+double_blocks.{0-7}.img_attn.proj.weight 6144x6144
+double_blocks.{0-7}.img_attn.qkv.weight 18432x6144
+double_blocks.{0-7}.img_mlp.0.weight 36864x6144
+double_blocks.{0-7}.img_mlp.2.weight 6144x18432
+double_blocks.{0-7}.txt_attn.norm.key_norm.scale 128
+double_blocks.{0-7}.txt_attn.norm.query_norm.scale 128
+double_blocks.{0-7}.txt_attn.proj.weight 6144x6144
+double_blocks.{0-7}.txt_attn.qkv.weight 18432x6144
+double_blocks.{0-7}.txt_mlp.0.weight 36864x6144
+double_blocks.{0-7}.txt_mlp.2.weight 6144x18432
+double_stream_modulation_img.lin.weight 36864x6144
+double_stream_modulation_txt.lin.weight 36864x6144
+final_layer.adaLN_modulation.1.weight 12288x6144
+final_layer.linear.weight 128x6144
+guidance_in.in_layer.weight 6144x256
+guidance_in.out_layer.weight 6144x6144
+img_in.weight 6144x128
+single_blocks.{0-47}.linear1.weight 55296x6144
+single_blocks.{0-47}.linear2.weight 6144x24576
+single_blocks.{0-47}.norm.key_norm.scale 128
+single_blocks.{0-47}.norm.query_norm.scale 128
+single_stream_modulation.lin.weight 18432x6144
+time_in.in_layer.weight 6144x256
+time_in.out_layer.weight 6144x6144
+txt_in.weight 6144x15360"""
+
 FAMILY = Family(
     arch="flux2",
     title="FLUX.2",
@@ -109,4 +139,5 @@ FAMILY = Family(
     ),
     implementation="https://github.com/black-forest-labs/flux2",
     order=51,
+    structures=(_STRUCTURE,),
 )

@@ -16,6 +16,54 @@ _EXTRACT_TARGETS = (
     *(f"w{i}.weight" for i in (1, 2, 3)),  # experts, shared experts and ff_t
 )
 
+# HiDream-I1: 16 double, 32 single blocks, width 2560, 4 routed experts + shared (rows printed by scripts/family_structure.py from tests/data/arch/hidream.json.gz).
+_STRUCTURE = """\
+caption_projection.{0-48}.linear.weight 2560x4096
+double_stream_blocks.{0-15}.block.adaLN_modulation.1.weight 30720x2560
+double_stream_blocks.{0-15}.block.attn1.k_rms_norm.weight 2560
+double_stream_blocks.{0-15}.block.attn1.k_rms_norm_t.weight 2560
+double_stream_blocks.{0-15}.block.attn1.q_rms_norm.weight 2560
+double_stream_blocks.{0-15}.block.attn1.q_rms_norm_t.weight 2560
+double_stream_blocks.{0-15}.block.attn1.to_k.weight 2560x2560
+double_stream_blocks.{0-15}.block.attn1.to_k_t.weight 2560x2560
+double_stream_blocks.{0-15}.block.attn1.to_out.weight 2560x2560
+double_stream_blocks.{0-15}.block.attn1.to_out_t.weight 2560x2560
+double_stream_blocks.{0-15}.block.attn1.to_q.weight 2560x2560
+double_stream_blocks.{0-15}.block.attn1.to_q_t.weight 2560x2560
+double_stream_blocks.{0-15}.block.attn1.to_v.weight 2560x2560
+double_stream_blocks.{0-15}.block.attn1.to_v_t.weight 2560x2560
+double_stream_blocks.{0-15}.block.ff_i.experts.{0-3}.w1.weight 6912x2560
+double_stream_blocks.{0-15}.block.ff_i.experts.{0-3}.w2.weight 2560x6912
+double_stream_blocks.{0-15}.block.ff_i.experts.{0-3}.w3.weight 6912x2560
+double_stream_blocks.{0-15}.block.ff_i.gate.weight 4x2560
+double_stream_blocks.{0-15}.block.ff_i.shared_experts.w1.weight 3584x2560
+double_stream_blocks.{0-15}.block.ff_i.shared_experts.w2.weight 2560x3584
+double_stream_blocks.{0-15}.block.ff_i.shared_experts.w3.weight 3584x2560
+double_stream_blocks.{0-15}.block.ff_t.w1.weight 6912x2560
+double_stream_blocks.{0-15}.block.ff_t.w2.weight 2560x6912
+double_stream_blocks.{0-15}.block.ff_t.w3.weight 6912x2560
+final_layer.adaLN_modulation.1.weight 5120x2560
+final_layer.linear.weight 64x2560
+p_embedder.pooled_embedder.linear_1.weight 2560x2048
+p_embedder.pooled_embedder.linear_2.weight 2560x2560
+single_stream_blocks.{0-31}.block.adaLN_modulation.1.weight 15360x2560
+single_stream_blocks.{0-31}.block.attn1.k_rms_norm.weight 2560
+single_stream_blocks.{0-31}.block.attn1.q_rms_norm.weight 2560
+single_stream_blocks.{0-31}.block.attn1.to_k.weight 2560x2560
+single_stream_blocks.{0-31}.block.attn1.to_out.weight 2560x2560
+single_stream_blocks.{0-31}.block.attn1.to_q.weight 2560x2560
+single_stream_blocks.{0-31}.block.attn1.to_v.weight 2560x2560
+single_stream_blocks.{0-31}.block.ff_i.experts.{0-3}.w1.weight 6912x2560
+single_stream_blocks.{0-31}.block.ff_i.experts.{0-3}.w2.weight 2560x6912
+single_stream_blocks.{0-31}.block.ff_i.experts.{0-3}.w3.weight 6912x2560
+single_stream_blocks.{0-31}.block.ff_i.gate.weight 4x2560
+single_stream_blocks.{0-31}.block.ff_i.shared_experts.w1.weight 3584x2560
+single_stream_blocks.{0-31}.block.ff_i.shared_experts.w2.weight 2560x3584
+single_stream_blocks.{0-31}.block.ff_i.shared_experts.w3.weight 3584x2560
+t_embedder.timestep_embedder.linear_1.weight 2560x256
+t_embedder.timestep_embedder.linear_2.weight 2560x2560
+x_embedder.proj.weight 2560x64"""
+
 FAMILY = Family(
     arch="hidream",
     title="HiDream-I1",
@@ -39,4 +87,5 @@ FAMILY = Family(
     ),
     implementation="https://github.com/HiDream-ai/HiDream-I1",
     order=63,
+    structures=(_STRUCTURE,),
 )

@@ -55,6 +55,57 @@ _EXTRACT_TARGETS = tuple(f"attn.{p}.weight" for p in ("wq", "wk", "wv", "wo", "g
     f"mlp.{p}.weight" for p in ("gate", "up", "down")
 )
 
+# Krea 2 Raw: 28 blocks, width 6144 (GQA k/v 1536), 2 + 2 text fusion blocks (rows printed by scripts/family_structure.py from tests/data/arch/krea2.json.gz).
+_STRUCTURE = """\
+blocks.{0-27}.attn.gate.weight 6144x6144
+blocks.{0-27}.attn.qknorm.knorm.scale 128
+blocks.{0-27}.attn.qknorm.qnorm.scale 128
+blocks.{0-27}.attn.wk.weight 1536x6144
+blocks.{0-27}.attn.wo.weight 6144x6144
+blocks.{0-27}.attn.wq.weight 6144x6144
+blocks.{0-27}.attn.wv.weight 1536x6144
+blocks.{0-27}.mlp.down.weight 6144x16384
+blocks.{0-27}.mlp.gate.weight 16384x6144
+blocks.{0-27}.mlp.up.weight 16384x6144
+blocks.{0-27}.mod.lin 36864
+blocks.{0-27}.postnorm.scale 6144
+blocks.{0-27}.prenorm.scale 6144
+first.weight 6144x64
+last.linear.weight 64x6144
+last.modulation.lin 2x6144
+last.norm.scale 6144
+tmlp.0.weight 6144x256
+tmlp.2.weight 6144x6144
+tproj.1.weight 36864x6144
+txtfusion.layerwise_blocks.{0,1}.attn.gate.weight 2560x2560
+txtfusion.layerwise_blocks.{0,1}.attn.qknorm.knorm.scale 128
+txtfusion.layerwise_blocks.{0,1}.attn.qknorm.qnorm.scale 128
+txtfusion.layerwise_blocks.{0,1}.attn.wk.weight 2560x2560
+txtfusion.layerwise_blocks.{0,1}.attn.wo.weight 2560x2560
+txtfusion.layerwise_blocks.{0,1}.attn.wq.weight 2560x2560
+txtfusion.layerwise_blocks.{0,1}.attn.wv.weight 2560x2560
+txtfusion.layerwise_blocks.{0,1}.mlp.down.weight 2560x6912
+txtfusion.layerwise_blocks.{0,1}.mlp.gate.weight 6912x2560
+txtfusion.layerwise_blocks.{0,1}.mlp.up.weight 6912x2560
+txtfusion.layerwise_blocks.{0,1}.postnorm.scale 2560
+txtfusion.layerwise_blocks.{0,1}.prenorm.scale 2560
+txtfusion.projector.weight 1x12
+txtfusion.refiner_blocks.{0,1}.attn.gate.weight 2560x2560
+txtfusion.refiner_blocks.{0,1}.attn.qknorm.knorm.scale 128
+txtfusion.refiner_blocks.{0,1}.attn.qknorm.qnorm.scale 128
+txtfusion.refiner_blocks.{0,1}.attn.wk.weight 2560x2560
+txtfusion.refiner_blocks.{0,1}.attn.wo.weight 2560x2560
+txtfusion.refiner_blocks.{0,1}.attn.wq.weight 2560x2560
+txtfusion.refiner_blocks.{0,1}.attn.wv.weight 2560x2560
+txtfusion.refiner_blocks.{0,1}.mlp.down.weight 2560x6912
+txtfusion.refiner_blocks.{0,1}.mlp.gate.weight 6912x2560
+txtfusion.refiner_blocks.{0,1}.mlp.up.weight 6912x2560
+txtfusion.refiner_blocks.{0,1}.postnorm.scale 2560
+txtfusion.refiner_blocks.{0,1}.prenorm.scale 2560
+txtmlp.0.scale 2560
+txtmlp.1.weight 6144x2560
+txtmlp.3.weight 6144x6144"""
+
 FAMILY = Family(
     arch="krea2",
     title="Krea 2",
@@ -77,4 +128,5 @@ FAMILY = Family(
     block_groups=(BlockGroup("block{n}", "blocks.{n}."),),
     implementation="https://github.com/krea-ai",
     order=64,
+    structures=(_STRUCTURE,),
 )

@@ -18,8 +18,6 @@ from lorabake.arch.common import (
     Layout,
     Probe,
     Renames,
-    TextEncoder,
-    TextEncoderKind,
 )
 
 _S = _nextdit.STACKS
@@ -50,9 +48,51 @@ COMFY_STYLE = Renames(
 _NATIVE = (Probe("layers.0.attention.qkv.weight"), Probe("layers.0.adaLN_modulation.1.weight"), Probe("cap_embedder.1.weight"))
 _DIFFUSERS = (Probe("layers.0.attn.to_q.weight"), Probe("time_caption_embed.caption_embedder.1.weight"))
 
-_GEMMA2_TARGETS = tuple(f"self_attn.{p}_proj.weight" for p in "qkvo") + tuple(
-    f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")
-)
+
+# Lumina-Image 2.0: 26 layers + 2 + 2 refiners, width 2304, GQA q|k|v 2304/768/768 (rows printed by scripts/family_structure.py from tests/data/arch/lumina2.json.gz).
+_STRUCTURE = """\
+cap_embedder.0.weight 2304
+cap_embedder.1.weight 2304x2304
+context_refiner.{0,1}.attention.k_norm.weight 96
+context_refiner.{0,1}.attention.out.weight 2304x2304
+context_refiner.{0,1}.attention.q_norm.weight 96
+context_refiner.{0,1}.attention.qkv.weight 3840x2304
+context_refiner.{0,1}.attention_norm1.weight 2304
+context_refiner.{0,1}.attention_norm2.weight 2304
+context_refiner.{0,1}.feed_forward.w1.weight 9216x2304
+context_refiner.{0,1}.feed_forward.w2.weight 2304x9216
+context_refiner.{0,1}.feed_forward.w3.weight 9216x2304
+context_refiner.{0,1}.ffn_norm1.weight 2304
+context_refiner.{0,1}.ffn_norm2.weight 2304
+final_layer.adaLN_modulation.1.weight 2304x1024
+final_layer.linear.weight 64x2304
+layers.{0-25}.adaLN_modulation.1.weight 9216x1024
+layers.{0-25}.attention.k_norm.weight 96
+layers.{0-25}.attention.out.weight 2304x2304
+layers.{0-25}.attention.q_norm.weight 96
+layers.{0-25}.attention.qkv.weight 3840x2304
+layers.{0-25}.attention_norm1.weight 2304
+layers.{0-25}.attention_norm2.weight 2304
+layers.{0-25}.feed_forward.w1.weight 9216x2304
+layers.{0-25}.feed_forward.w2.weight 2304x9216
+layers.{0-25}.feed_forward.w3.weight 9216x2304
+layers.{0-25}.ffn_norm1.weight 2304
+layers.{0-25}.ffn_norm2.weight 2304
+noise_refiner.{0,1}.adaLN_modulation.1.weight 9216x1024
+noise_refiner.{0,1}.attention.k_norm.weight 96
+noise_refiner.{0,1}.attention.out.weight 2304x2304
+noise_refiner.{0,1}.attention.q_norm.weight 96
+noise_refiner.{0,1}.attention.qkv.weight 3840x2304
+noise_refiner.{0,1}.attention_norm1.weight 2304
+noise_refiner.{0,1}.attention_norm2.weight 2304
+noise_refiner.{0,1}.feed_forward.w1.weight 9216x2304
+noise_refiner.{0,1}.feed_forward.w2.weight 2304x9216
+noise_refiner.{0,1}.feed_forward.w3.weight 9216x2304
+noise_refiner.{0,1}.ffn_norm1.weight 2304
+noise_refiner.{0,1}.ffn_norm2.weight 2304
+t_embedder.mlp.0.weight 1024x256
+t_embedder.mlp.2.weight 1024x1024
+x_embedder.weight 2304x64"""
 
 FAMILY = Family(
     arch="lumina2",
@@ -68,16 +108,9 @@ FAMILY = Family(
         Layout("diffusers", "transformer.", "diffusers", _DIFFUSERS),
         Layout("diffusers", "", "diffusers", _DIFFUSERS),
     ),
-    text_encoders=(
-        TextEncoder(
-            "te1",
-            (("text_encoders.gemma2_2b.", "gemma2_2b"), ("text_encoder.", "gemma2_2b")),
-            # kohya sd-scripts lora_lumina.py: LORA_PREFIX_TEXT_ENCODER = "lora_te"
-            ("lora_te_", "lora_te1_", "text_encoder.", "text_encoders.gemma2_2b."),
-        ),
-    ),
+    text_encoders=(),  # text-encoder LoRA keys are reported as skipped: no te1 in the file
     # kohya sd-scripts lora_lumina.py trains the original module names (lora_unet_layers_0_attention_qkv)
-    kohya_names={"dit": ("lora_unet_", "native"), "te1": ("lora_te_", "hf")},
+    kohya_names={"dit": ("lora_unet_", "native")},
     renames=(NATIVE_TO_DIFFUSERS, COMFY_STYLE),
     lora_prefixes=DIT_LORA_PREFIXES,
     extract_targets=_nextdit.EXTRACT_TARGETS,
@@ -88,5 +121,5 @@ FAMILY = Family(
     ),
     implementation="https://github.com/Alpha-VLLM/Lumina-Image-2.0",
     order=62,
-    text_encoder_kinds={"gemma2_2b": TextEncoderKind("hf", (), _GEMMA2_TARGETS)},
+    structures=(_STRUCTURE,),
 )

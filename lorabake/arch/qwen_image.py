@@ -21,8 +21,6 @@ from lorabake.arch.common import (
     Layout,
     Probe,
     Renames,
-    TextEncoder,
-    TextEncoderKind,
     Variant,
 )
 
@@ -39,10 +37,6 @@ GATE_UP: dict[str, tuple[Alias, ...]] = {
     ),
 }
 
-# Qwen2.5-VL 7B as ComfyUI stores it in an all-in-one file; LoRAs rarely train it (musubi does not).
-_QWEN25_TARGETS = tuple(f"self_attn.{p}_proj.weight" for p in "qkvo") + tuple(
-    f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")
-)
 
 _EXTRACT_TARGETS = (
     *(f"attn.{p}.weight" for p in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")),
@@ -61,6 +55,54 @@ _EXTRACT_TARGETS = (
     "img_mlp.out.weight",
 )
 
+# Qwen-Image: 60 blocks, width 3072 (rows printed by scripts/family_structure.py from tests/data/arch/qwen-image.json.gz).
+_STRUCTURE = """\
+img_in.weight 3072x64
+norm_out.linear.weight 6144x3072
+proj_out.weight 64x3072
+time_text_embed.timestep_embedder.linear_1.weight 3072x256
+time_text_embed.timestep_embedder.linear_2.weight 3072x3072
+transformer_blocks.{0-59}.attn.add_k_proj.weight 3072x3072
+transformer_blocks.{0-59}.attn.add_q_proj.weight 3072x3072
+transformer_blocks.{0-59}.attn.add_v_proj.weight 3072x3072
+transformer_blocks.{0-59}.attn.norm_added_k.weight 128
+transformer_blocks.{0-59}.attn.norm_added_q.weight 128
+transformer_blocks.{0-59}.attn.norm_k.weight 128
+transformer_blocks.{0-59}.attn.norm_q.weight 128
+transformer_blocks.{0-59}.attn.to_add_out.weight 3072x3072
+transformer_blocks.{0-59}.attn.to_k.weight 3072x3072
+transformer_blocks.{0-59}.attn.to_out.0.weight 3072x3072
+transformer_blocks.{0-59}.attn.to_q.weight 3072x3072
+transformer_blocks.{0-59}.attn.to_v.weight 3072x3072
+transformer_blocks.{0-59}.img_mlp.net.0.proj.weight 12288x3072
+transformer_blocks.{0-59}.img_mlp.net.2.weight 3072x12288
+transformer_blocks.{0-59}.img_mod.1.weight 18432x3072
+transformer_blocks.{0-59}.txt_mlp.net.0.proj.weight 12288x3072
+transformer_blocks.{0-59}.txt_mlp.net.2.weight 3072x12288
+transformer_blocks.{0-59}.txt_mod.1.weight 18432x3072
+txt_in.weight 3072x3584
+txt_norm.weight 3584"""
+
+# Qwen-Image 2.1: 32 blocks, width 4096, fused gate_up (rows printed by scripts/family_structure.py from tests/data/arch/qwen-image-2.1.json.gz).
+_STRUCTURE_2 = """\
+img_in.weight 4096x64
+modulation.1.weight 16384x4096
+norm_out.linear.weight 4096x4096
+proj_out.weight 64x4096
+time_text_embed.timestep_embedder.linear_1.weight 4096x256
+time_text_embed.timestep_embedder.linear_2.weight 4096x4096
+transformer_blocks.{0-31}.attn.norm_k.weight 128
+transformer_blocks.{0-31}.attn.norm_q.weight 128
+transformer_blocks.{0-31}.attn.to_k.weight 4096x4096
+transformer_blocks.{0-31}.attn.to_out.0.weight 4096x4096
+transformer_blocks.{0-31}.attn.to_q.weight 4096x4096
+transformer_blocks.{0-31}.attn.to_v.weight 4096x4096
+transformer_blocks.{0-31}.img_mlp.gate_up.weight 24576x4096
+transformer_blocks.{0-31}.img_mlp.out.weight 4096x12288
+txt_in.in_layer.weight 4096x4096
+txt_in.out_layer.weight 4096x4096
+txt_in.text_norm.weight 4096"""
+
 FAMILY = Family(
     arch="qwen-image",
     title="Qwen-Image",
@@ -78,14 +120,8 @@ FAMILY = Family(
         Layout("diffusers", "transformer.", "diffusers", _QWEN21_SPLIT),
         Layout("diffusers", "", "diffusers", _QWEN21_SPLIT),
     ),
-    text_encoders=(
-        TextEncoder(
-            "te1",
-            (("text_encoders.qwen25_7b.", "qwen25_7b"), ("text_encoder.", "qwen25_7b")),
-            ("lora_te_", "lora_te1_", "text_encoder.", "text_encoders.qwen25_7b."),
-        ),
-    ),
-    kohya_names={"dit": ("lora_unet_", "diffusers"), "te1": ("lora_te_", "hf")},
+    text_encoders=(),  # text-encoder LoRA keys are reported as skipped: no te1 in the file
+    kohya_names={"dit": ("lora_unet_", "diffusers")},
     renames=(Renames("diffusers", "diffusers", modules=GATE_UP, note="Qwen-Image 2.1 fused gate_up halves"),),
     lora_prefixes=DIT_LORA_PREFIXES,
     extract_targets=_EXTRACT_TARGETS,
@@ -97,5 +133,5 @@ FAMILY = Family(
     implementation="https://github.com/QwenLM/Qwen-Image",
     resolution="1328x1328",
     order=60,
-    text_encoder_kinds={"qwen25_7b": TextEncoderKind("hf", (), _QWEN25_TARGETS)},
+    structures=(_STRUCTURE, _STRUCTURE_2,),
 )

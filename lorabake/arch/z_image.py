@@ -17,8 +17,6 @@ from lorabake.arch.common import (
     Layout,
     Probe,
     Renames,
-    TextEncoder,
-    TextEncoderKind,
 )
 
 NATIVE_TO_DIFFUSERS = Renames(
@@ -32,9 +30,53 @@ NATIVE_TO_DIFFUSERS = Renames(
 _NATIVE = (Probe("layers.0.attention.qkv.weight"), Probe("x_pad_token"))
 _DIFFUSERS = (Probe("layers.0.attention.to_q.weight"), Probe("x_pad_token"), Probe("all_x_embedder.2-1.weight"))
 
-_QWEN3_TARGETS = tuple(f"self_attn.{p}_proj.weight" for p in "qkvo") + tuple(
-    f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")
-)
+
+# Z-Image-Turbo: 30 layers + 2 noise / 2 context refiners, width 3840 (rows printed by scripts/family_structure.py from tests/data/arch/z-image.json.gz).
+_STRUCTURE = """\
+cap_embedder.0.weight 2560
+cap_embedder.1.weight 3840x2560
+cap_pad_token 1x3840
+context_refiner.{0,1}.attention.k_norm.weight 128
+context_refiner.{0,1}.attention.out.weight 3840x3840
+context_refiner.{0,1}.attention.q_norm.weight 128
+context_refiner.{0,1}.attention.qkv.weight 11520x3840
+context_refiner.{0,1}.attention_norm1.weight 3840
+context_refiner.{0,1}.attention_norm2.weight 3840
+context_refiner.{0,1}.feed_forward.w1.weight 10240x3840
+context_refiner.{0,1}.feed_forward.w2.weight 3840x10240
+context_refiner.{0,1}.feed_forward.w3.weight 10240x3840
+context_refiner.{0,1}.ffn_norm1.weight 3840
+context_refiner.{0,1}.ffn_norm2.weight 3840
+final_layer.adaLN_modulation.1.weight 3840x256
+final_layer.linear.weight 64x3840
+layers.{0-29}.adaLN_modulation.0.weight 15360x256
+layers.{0-29}.attention.k_norm.weight 128
+layers.{0-29}.attention.out.weight 3840x3840
+layers.{0-29}.attention.q_norm.weight 128
+layers.{0-29}.attention.qkv.weight 11520x3840
+layers.{0-29}.attention_norm1.weight 3840
+layers.{0-29}.attention_norm2.weight 3840
+layers.{0-29}.feed_forward.w1.weight 10240x3840
+layers.{0-29}.feed_forward.w2.weight 3840x10240
+layers.{0-29}.feed_forward.w3.weight 10240x3840
+layers.{0-29}.ffn_norm1.weight 3840
+layers.{0-29}.ffn_norm2.weight 3840
+noise_refiner.{0,1}.adaLN_modulation.0.weight 15360x256
+noise_refiner.{0,1}.attention.k_norm.weight 128
+noise_refiner.{0,1}.attention.out.weight 3840x3840
+noise_refiner.{0,1}.attention.q_norm.weight 128
+noise_refiner.{0,1}.attention.qkv.weight 11520x3840
+noise_refiner.{0,1}.attention_norm1.weight 3840
+noise_refiner.{0,1}.attention_norm2.weight 3840
+noise_refiner.{0,1}.feed_forward.w1.weight 10240x3840
+noise_refiner.{0,1}.feed_forward.w2.weight 3840x10240
+noise_refiner.{0,1}.feed_forward.w3.weight 10240x3840
+noise_refiner.{0,1}.ffn_norm1.weight 3840
+noise_refiner.{0,1}.ffn_norm2.weight 3840
+t_embedder.mlp.0.weight 1024x256
+t_embedder.mlp.2.weight 256x1024
+x_embedder.weight 3840x64
+x_pad_token 1x3840"""
 
 FAMILY = Family(
     arch="z-image",
@@ -50,15 +92,9 @@ FAMILY = Family(
         Layout("diffusers", "transformer.", "diffusers", _DIFFUSERS),
         Layout("diffusers", "", "diffusers", _DIFFUSERS),
     ),
-    text_encoders=(
-        TextEncoder(
-            "te1",
-            (("text_encoders.qwen3_4b.", "qwen3_4b"), ("text_encoder.", "qwen3_4b")),
-            ("lora_te_", "lora_te1_", "text_encoder.", "text_encoders.qwen3_4b."),
-        ),
-    ),
+    text_encoders=(),  # text-encoder LoRA keys are reported as skipped: no te1 in the file
     # musubi-tuner names Z-Image modules by their diffusers path (lora_unet_layers_0_attention_to_q)
-    kohya_names={"dit": ("lora_unet_", "diffusers"), "te1": ("lora_te_", "hf")},
+    kohya_names={"dit": ("lora_unet_", "diffusers")},
     renames=(NATIVE_TO_DIFFUSERS,),
     lora_prefixes=DIT_LORA_PREFIXES,
     extract_targets=_nextdit.EXTRACT_TARGETS,
@@ -69,5 +105,5 @@ FAMILY = Family(
     ),
     implementation="https://github.com/Tongyi-MAI/Z-Image",
     order=61,
-    text_encoder_kinds={"qwen3_4b": TextEncoderKind("hf", (), _QWEN3_TARGETS)},
+    structures=(_STRUCTURE,),
 )
