@@ -122,7 +122,7 @@ FAMILY = Family(
     ),
     text_encoders=(),  # text-encoder LoRA keys are reported as skipped: no te1 in the file
     kohya_names={"dit": ("lora_unet_", "diffusers")},
-    renames=(Renames("diffusers", "diffusers", modules=GATE_UP, note="Qwen-Image 2.1 fused gate_up halves"),),
+    renames=(Renames("diffusers", "split", modules=GATE_UP, note="Qwen-Image 2.1 fused gate_up halves"),),
     lora_prefixes=DIT_LORA_PREFIXES,
     extract_targets=_EXTRACT_TARGETS,
     variants=(
