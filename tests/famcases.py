@@ -82,6 +82,7 @@ CASES: tuple[Case, ...] = (
     Case("hidream", "lycoris", "diffusers", False, "diffusers has no `lycoris_` reader for HiDream"),
     Case("krea2", "peft", "diffusers"),
     Case("krea2", "aitk", "native"),
+    Case("krea2", "peft_base", "native"),  # ai-toolkit's Krea 2 files: base_model.model. + original names
 )
 
 _ALPHA_FLAVOURS = {"kohya", "lycoris"}

@@ -114,3 +114,28 @@ def test_lora_of_another_family_is_refused_naming_both(family, tmp_path):
     assert code != 0 and err.startswith("Error:") and len(err.strip().splitlines()) == 1
     assert f"LoRA is for {FAMILY_OF[other.case.family]}" in err and f"is {family}" in err
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_flag_tensor_passes_through_and_text_encoder_keys_are_skipped(tmp_path):
+    """Qwen-Image Edit-2511 files carry `__index_timestep_zero__`; a LoRA's Qwen2.5-VL keys have no
+    encoder to land on in a DiT-only file: reported as skipped (te1), the DiT part baked."""
+    built = build_case(next(c for c in CASES if c.id == "qwen-image-kohya-diffusers"))
+    base = {k: v.bfloat16() for k, v in built.native.items()}
+    base["__index_timestep_zero__"] = torch.zeros(1, dtype=torch.bfloat16)
+    save_file(base, str(tmp_path / "base.safetensors"))
+    lora = load_file(built.lora_path)
+    lora["lora_te_model_layers_0_self_attn_q_proj.lora_down.weight"] = torch.zeros(4, 8)
+    lora["lora_te_model_layers_0_self_attn_q_proj.lora_up.weight"] = torch.zeros(8, 4)
+    save_file(lora, str(tmp_path / "lora.safetensors"))
+    code, out, err = run_main(["merge", str(tmp_path / "base.safetensors"), "--lora", f"{tmp_path / 'lora.safetensors'}:0.7",
+                               "-o", str(tmp_path / "out.safetensors"), "--json"])
+    assert code == 0, err
+    summary = json.loads(out)["loras"][0]
+    assert summary["applied"] == {"dit": len(built.lora)} and summary["skipped"] == {"te1": 1}
+    assert [(o["module"], o["status"], o["reason"]) for o in summary["not_applied"]] == [
+        ("lora_te_model_layers_0_self_attn_q_proj", "skipped", "base has no te1")
+    ]
+    ours = load_file(str(tmp_path / "out.safetensors"))
+    assert torch.equal(ours["__index_timestep_zero__"], base["__index_timestep_zero__"])
+    want = built.native_reference
+    assert_matches({k: v for k, v in ours.items() if k in want}, want, {k: v for k, v in base.items() if k in want}, bf16=True)
