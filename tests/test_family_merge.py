@@ -91,28 +91,47 @@ def test_merge_matches_diffusers_fuse_lora(case, layout, tmp_path):
     )
 
 
-# another family's LoRA for each family's base: refused, both named
+# another family's LoRA for each family's base: (key list, flavour, naming) of the foreign LoRA
 FOREIGN = {
-    "qwen-image": "flux2-aitk-native",
-    "flux2": "qwen-image-kohya-diffusers",
-    "z-image": "lumina2-peft-diffusers",
-    "lumina2": "z-image-kohya-diffusers",
-    "chroma": "krea2-aitk-native",
-    "hidream": "qwen-image-peft-diffusers",
-    "krea2": "hidream-aitk-diffusers",
+    "qwen-image": ("flux2", "aitk", "native"),
+    "flux2": ("qwen-image", "kohya", "diffusers"),
+    "z-image": ("lumina2", "peft", "diffusers"),
+    "lumina2": ("z-image", "kohya", "diffusers"),
+    "chroma": ("krea2", "aitk", "native"),
+    "hidream": ("qwen-image", "peft", "diffusers"),
+    "krea2": ("hidream", "aitk", "diffusers"),
 }
+
+
+def full_size_lora(keylist: str, flavour: str, naming: str) -> dict[str, torch.Tensor]:
+    """A rank-1 LoRA on block 0 of every stack (and the top-level modules) at the real full-size shapes:
+    what a user's file of that family looks like to the matcher (values are never read)."""
+    from tests.archfix import arch_tensors
+    from tests.famfix import FAMILIES as KEYLISTS
+    from tests.famlora import lora_tensors, weight_shapes
+    from tests.test_family_detect import _first_block
+
+    if naming == "diffusers":
+        model = KEYLISTS[keylist].model(full=True)
+        shapes = {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    else:
+        shapes = weight_shapes({k: torch.empty(e["shape"], device="meta") for k, e in arch_tensors(keylist).items()})
+    lora = {n: (torch.zeros(1, c), torch.zeros(r, 1), None) for n, (r, c) in _first_block(shapes).items()}
+    return lora_tensors(lora, flavour)
 
 
 @pytest.mark.parametrize("family", sorted(FOREIGN))
 def test_lora_of_another_family_is_refused_naming_both(family, tmp_path):
     own = build_case(next(c for c in CASES if c.family == family))
-    other = build_case(next(c for c in CASES if c.id == FOREIGN[family]))
+    other = FOREIGN[family]
     save_file({k: v.bfloat16() for k, v in own.native.items()}, str(tmp_path / "base.safetensors"))
+    save_file(full_size_lora(*other), str(tmp_path / "lora.safetensors"))
     code, _, err = run_main(
-        ["merge", str(tmp_path / "base.safetensors"), "--lora", other.lora_path, "-o", str(tmp_path / "out.safetensors")]
+        ["merge", str(tmp_path / "base.safetensors"), "--lora", str(tmp_path / "lora.safetensors"),
+         "-o", str(tmp_path / "out.safetensors")]
     )
-    assert code != 0 and err.startswith("Error:") and len(err.strip().splitlines()) == 1
-    assert f"LoRA is for {FAMILY_OF[other.case.family]}" in err and f"is {family}" in err
+    assert code != 0 and err.startswith("Error:") and len(err.strip().splitlines()) == 1, err
+    assert f"({family})" in err and FAMILY_OF[other[0]] in err.replace(f"({family})", ""), err
     assert not (tmp_path / "out.safetensors").exists()
 
 
