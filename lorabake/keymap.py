@@ -25,6 +25,7 @@ from lorabake.arch.common import (
     GENERIC_COMPONENT_PREFIXES,
     GENERIC_TEXT_ENCODERS,
     PARTS,
+    SPREAD_PARTS,
     UNET_LORA_PREFIXES,
     WEIGHT_PARAMS,
     Alias,
@@ -69,10 +70,13 @@ class KeyMap:
     prefixes: tuple[tuple[str, str], ...] = ()
     # stem -> the rule that sent it to its target (for `inspect --keys`)
     rules: dict[str, Rule] = field(default_factory=dict)
+    # fused stem -> the separate base tensors it spans, each with its rows of the stem's ΔW, in row order
+    # (bands tiling the ΔW from row 0; see Alias.spread)
+    spread: dict[str, tuple[Target, ...]] = field(default_factory=dict)
 
     def component_of(self, stem: str) -> str | None:
         """The component a stem's prefix names (even one the base lacks), or None if no prefix says."""
-        target = self.targets.get(stem)
+        target = self.targets.get(stem) or next(iter(self.spread.get(stem, ())), None)
         if target is not None:
             return target.component
         for prefix, component in self.prefixes:
@@ -144,6 +148,7 @@ def build_keymap(
                     table.kohya[mod.key] = tuple(stems)
 
     targets, ambiguous, shadowed = table.result()
+    spread = table.spread_result()
     return KeyMap(
         arch=info.arch,
         targets=targets,
@@ -152,7 +157,8 @@ def build_keymap(
         ambiguous=ambiguous,
         shadowed=shadowed,
         prefixes=_component_prefixes(info, text_encoders, diffusion_prefixes),
-        rules={stem: rule for stem, rule in table.rules.items() if stem in targets},
+        rules={stem: rule for stem, rule in table.rules.items() if stem in targets or stem in spread},
+        spread=spread,
     )
 
 
@@ -170,8 +176,13 @@ class _Table:
         self.why: tuple[dict[str, Rule], dict[str, Rule]] = ({}, {})  # the first rule giving each stem
         self.clashes: dict[str, list[Target]] = {}
         self.kohya: dict[str, tuple[str, ...]] = {}
+        self.spread: dict[str, dict[str, Target]] = {}  # fused stem -> {base key: its band}
 
     def add(self, stem: str, target: Target, rule: Rule, *, fallback: bool) -> None:
+        if target.delta_rows is not None:
+            self.spread.setdefault(stem, {})[target.key] = target
+            self.why[0].setdefault(stem, rule)
+            return
         tier = 1 if fallback else 0
         seen = self.tiers[tier].setdefault(stem, target)
         self.why[tier].setdefault(stem, rule)
@@ -193,6 +204,18 @@ class _Table:
         return targets, {s: tuple(ts) for s, ts in self.clashes.items()}, shadowed
 
 
+    def spread_result(self) -> dict[str, tuple[Target, ...]]:
+        """Fused stems whose bands tile their ΔW from row 0 without gap or overlap (else dropped:
+        a block whose q, k and v are not all present cannot take the fused adapter)."""
+        out = {}
+        for stem, by_key in self.spread.items():
+            bands = sorted(by_key.values(), key=lambda t: t.delta_rows.start)
+            ends = [0] + [t.delta_rows.start + t.delta_rows.length for t in bands]
+            if len(bands) > 1 and all(t.delta_rows.start == end for t, end in zip(bands, ends)):
+                out[stem] = tuple(bands)
+        return out
+
+
 def _shaped(base: Target, alias: Alias, shape: tuple[int, ...]) -> Target | None:
     """`base` narrowed to the alias's rows and transform; None when the weight's shape rules the row out."""
     if len(shape) < 2 and (alias.part or alias.rows):
@@ -208,9 +231,18 @@ def _shaped(base: Target, alias: Alias, shape: tuple[int, ...]) -> Target | None
         if first is None or stop is None or stop > shape[0] or stop <= first:
             return None
         row_slice = RowSlice(first, stop - first)
-    if row_slice is None and alias.transform is None:
+    delta_rows = None
+    if alias.spread is not None:
+        if len(shape) < 2:
+            return None
+        start, end = SPREAD_PARTS[alias.spread]
+        first, stop = _rows_of(start, shape[1], shape[0]), _rows_of(end, shape[1], shape[0])
+        if first is None or stop is None or stop - first != (row_slice.length if row_slice else shape[0]):
+            return None
+        delta_rows = RowSlice(first, stop - first)
+    if row_slice is None and alias.transform is None and delta_rows is None:
         return base
-    return replace(base, slice=row_slice, transform=alias.transform)
+    return replace(base, slice=row_slice, transform=alias.transform, delta_rows=delta_rows)
 
 
 def _rows_of(bound: float | tuple[float, float], hidden: int, total: int) -> int | None:
@@ -316,7 +348,7 @@ def _compose(first: Alias | None, then: Alias) -> Alias | None:
     """An alias of an alias: the band, transform and row count of `first` carry over (two bands cannot)."""
     if first is None:
         return then
-    if first.part and then.part:
+    if first.part and then.part or first.spread or then.spread:  # a spread name is only ever the last
         return None
     return then._replace(
         part=then.part or first.part,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lorabake import __version__, bake_kernel, delta, devices, dtypes, finite
+from lorabake import __version__, bake_kernel, delta, devices, dtypes, finite, spread
 from lorabake.errors import MatchError, UsageError
 from lorabake.lora_data import LoraData
 from lorabake.plan import BIAS_PARTS, LoraSpec, MergePlan, PlannedPatch, plan_merge
@@ -275,7 +275,7 @@ class _Baker:
         parts = {
             part: self.lora_data.read(lp.reader, key).to(device=self.device, dtype=torch.float32) for part, key in wanted
         }
-        return delta.Patch(
+        return spread.cut(delta.Patch(  # a fused module spread over separate tensors: this one's ΔW rows
             algo=p.module.algo,
             parts=parts,
             strength=p.strength,
@@ -284,7 +284,7 @@ class _Baker:
             scale=p.module.scale,
             dora=p.module.dora,
             param=p.param,
-        )
+        ), p.target.delta_rows)
 
     def _requantise(self, name: str, buf: bytearray) -> torch.Tensor:
         """Decode a quantized layer, patch it, encode it in its format; hold the partners."""

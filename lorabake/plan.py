@@ -10,7 +10,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
-from lorabake import adapters
+from lorabake import adapters, spread
 from lorabake.detect import CheckpointInfo, detect_checkpoint
 from lorabake.errors import LoraFormatError, MatchError
 from lorabake.keymap import KeyMap, build_keymap
@@ -182,6 +182,8 @@ def _resolve(
 ) -> tuple[Outcome, list[PlannedPatch]]:
     stem = module.stem
     target = keymap.targets.get(stem)
+    if target is None and stem in keymap.spread:
+        return _resolve_spread(index, spec, module, reader, base, keymap.spread[stem])
     if target is None:
         component = keymap.component_of(stem) or module_component_hint(stem)
         # skipped only when the base is known to lack the component; a base of unknown family is not
@@ -247,3 +249,39 @@ def _misfit(
             hint="the factors do not have the layout of the target layer; the file is damaged or mis-converted",
         )
     return f"{fault} ({key})"
+
+
+def _resolve_spread(
+    index: int,
+    spec: LoraSpec,
+    module: LoraModule,
+    reader: SafetensorsReader,
+    base: SafetensorsReader,
+    targets: tuple[Target, ...],
+) -> tuple[Outcome, list[PlannedPatch]]:
+    """A fused module over several base tensors: its whole ΔW must have their rows together."""
+    stem, first = module.stem, targets[0]
+    where = " + ".join(t.key for t in targets)
+    shapes = {part: reader.tensors[key].shape for part, key in module.parts.items()}
+    refused = "DoRA" if module.dora else "a bias part" if set(BIAS_PARTS).intersection(shapes) else None
+    if refused is None and module.algo not in spread.SPLITTABLE:
+        refused = module.algo
+    if refused:
+        why = f"{refused} of a fused module cannot be split over {len(targets)} separate tensors"
+        return Outcome(stem, "unmatched", first.component, why, where), []
+    try:
+        natural = adapters.delta_shape(module.algo, shapes)
+    except LoraFormatError as exc:
+        exc.path = exc.path or reader.path
+        exc.tensor = exc.tensor or stem
+        raise
+    rows = sum(t.delta_rows.length for t in targets)
+    cols = {math.prod(base.tensors[t.key].shape[1:]) for t in targets}
+    if natural is None or natural[0] != rows or {math.prod(natural[1:])} != cols:
+        shown = list(natural) if natural is not None else module.algo
+        return Outcome(stem, "unmatched", first.component, f"ΔW {shown} does not fit {where}", where), []
+    strength = spec.strength_for(first.component)
+    return Outcome(stem, "applied", first.component, "", where), [
+        PlannedPatch(index, module, t, "weight", strength) for t in targets
+    ]
+

@@ -29,6 +29,9 @@ class Target:
     bias_key: str | None = None
     slice: RowSlice | None = None
     transform: str | None = None
+    # for a fused adapter spread over several base tensors (a `to_qkv` LoRA onto separate q, k, v
+    # weights): the rows of the adapter's whole ΔW that land on this tensor
+    delta_rows: RowSlice | None = None
 
 
 # Components a checkpoint or LoRA module can belong to.

@@ -21,6 +21,17 @@ def qkv_rows(attn: str) -> dict[str, tuple[Alias, ...]]:
     }
 
 
+def fused_from_split(attn: str) -> dict[str, tuple[Alias, ...]]:
+    """On a diffusers-layout file (split q, k, v): an original-named fused `attention.qkv` LoRA (musubi's
+    ComfyUI converter writes one) spread over `<attn>.to_q/to_k/to_v`, and the other attention names."""
+    rows: dict[str, tuple[Alias, ...]] = {}
+    for stack in STACKS:
+        for p in "qkv":
+            rows[f"{stack}.{{n}}.{attn}.to_{p}"] = (Alias(f"{stack}.{{n}}.attention.qkv", spread=f"{p}_of_qkv"),)
+        rows[f"{stack}.{{n}}.{attn}.to_out.0"] = (Alias(f"{stack}.{{n}}.attention.out"),)
+    return rows
+
+
 def attention_rows(attn: str) -> dict[str, tuple[Alias, ...]]:
     """The attention output and q/k norms of each stack, in diffusers names under `attn`."""
     rows: dict[str, tuple[Alias, ...]] = {}

@@ -63,6 +63,9 @@ class Alias(NamedTuple):
     part: str | tuple[float | tuple[float, float], float | tuple[float, float] | None] | None = None
     transform: str | None = None
     rows: int | None = None
+    # the name is a fused module spanning several base tensors: the rows of its ΔW that land on this
+    # one, a name in SPREAD_PARTS (bounds as in PARTS, with R = this tensor's rows)
+    spread: str | None = None
 
 
 class Block(NamedTuple):
@@ -160,6 +163,17 @@ PARTS: dict[str, tuple[Bound, Bound | None]] = {
     # two stacked projections of equal size (SwiGLU gate ‖ up)
     "half1": (0, (0, 0.5)),
     "half2": ((0, 0.5), None),
+}
+
+# Rows of a fused adapter's ΔW that land on one of the separate tensors it spans (bounds as in PARTS,
+# R = that tensor's rows): a q ‖ k ‖ v adapter onto separate q (H rows), k and v (equal rows) weights,
+# and a gate ‖ up adapter onto separate gate and up weights of equal rows.
+SPREAD_PARTS: dict[str, tuple[Bound, Bound]] = {
+    "q_of_qkv": (0, (0, 1)),
+    "k_of_qkv": (1, (1, 1)),
+    "v_of_qkv": ((1, 1), (1, 2)),
+    "gate_of_gate_up": (0, (0, 1)),
+    "up_of_gate_up": ((0, 1), (0, 2)),
 }
 
 # Parameter names that carry a module's weight (the target) and the matching bias parameter.

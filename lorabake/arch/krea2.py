@@ -30,9 +30,14 @@ _INNER = {
     "postnorm": ("norm2",),
 }
 
+# SimpleTuner/LyCORIS train Krea 2's q, k and v as one fused `attn.to_qkv` module (ComfyUI
+# comfy/lora_convert.py convert_fused_qkv_lora splits it): its ΔW rows are q (H), then k, then v.
+_FUSED = {"attn.wq": "q_of_qkv", "attn.wk": "k_of_qkv", "attn.wv": "v_of_qkv"}
+
 NATIVE_TO_DIFFUSERS: dict[str, tuple[Alias, ...]] = {
     **{
         f"{native}.{{n}}.{inner}": tuple(Alias(f"{ours}.{{n}}.{d}") for d in names)
+        + ((Alias(f"{ours}.{{n}}.attn.to_qkv", spread=_FUSED[inner]),) if inner in _FUSED else ())
         for native, ours in _STACKS.items()
         for inner, names in _INNER.items()
     },

@@ -111,7 +111,11 @@ FAMILY = Family(
     text_encoders=(),  # text-encoder LoRA keys are reported as skipped: no te1 in the file
     # kohya sd-scripts lora_lumina.py trains the original module names (lora_unet_layers_0_attention_qkv)
     kohya_names={"dit": ("lora_unet_", "native")},
-    renames=(NATIVE_TO_DIFFUSERS, COMFY_STYLE),
+    renames=(
+        NATIVE_TO_DIFFUSERS,
+        Renames("diffusers", "native", modules=_nextdit.fused_from_split("attn"), note="fused LoRAs on a diffusers file"),
+        COMFY_STYLE,
+    ),
     lora_prefixes=DIT_LORA_PREFIXES,
     extract_targets=_nextdit.EXTRACT_TARGETS,
     block_groups=(

@@ -95,7 +95,16 @@ FAMILY = Family(
     text_encoders=(),  # text-encoder LoRA keys are reported as skipped: no te1 in the file
     # musubi-tuner names Z-Image modules by their diffusers path (lora_unet_layers_0_attention_to_q)
     kohya_names={"dit": ("lora_unet_", "diffusers")},
-    renames=(NATIVE_TO_DIFFUSERS,),
+    renames=(
+        NATIVE_TO_DIFFUSERS,
+        Renames(
+            "diffusers",
+            "native",
+            modules=_nextdit.fused_from_split("attention"),
+            blocks={"all_x_embedder.2-1": Block("x_embedder"), "all_final_layer.2-1": Block("final_layer")},
+            note="original-named (and fused qkv) LoRAs on a diffusers file",
+        ),
+    ),
     lora_prefixes=DIT_LORA_PREFIXES,
     extract_targets=_nextdit.EXTRACT_TARGETS,
     block_groups=(
