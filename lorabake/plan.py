@@ -14,7 +14,7 @@ from lorabake import adapters, spread
 from lorabake.detect import CheckpointInfo, detect_checkpoint
 from lorabake.errors import LoraFormatError, MatchError
 from lorabake.keymap import KeyMap, build_keymap
-from lorabake.lora_base import against_base, module_component_hint
+from lorabake.lora_base import against_base, match_lora, module_component_hint
 from lorabake.lora_format import LoraFile, parse_lora
 from lorabake.st_reader import SafetensorsReader
 from lorabake.types import TEXT_ENCODERS, LoraModule, Target
@@ -152,6 +152,9 @@ def _check_changes(plan: LoraPlan, info: CheckpointInfo, base_path: str) -> None
     else:
         unmatched = len(plan.by_status("unmatched"))
         why = (f"{unmatched} module(s) match nothing in it: " if unmatched else "") + "; ".join(_reasons(plan))
+        other = match_lora(lora.modules, plan.reader.tensors, lora.metadata).arch
+        if other not in ("unknown", info.arch):  # say whose LoRA it is: both families named
+            why = f"it is a {other} LoRA (its modules match the {other} rule table); {why}"
     said = f"; {lora.arch_note}" if lora.arch_note else ""
     raise MatchError(
         f"the LoRA changes no tensor of {base_path} ({info.arch}): {why}{said}",
