@@ -121,3 +121,12 @@ def test_full_size_lora_alone_is_matched_to_its_family(keylist, flavour, naming)
     lora = parse_lora(header, {}, path="lora.safetensors")
     got = match_lora(lora.modules, header, {})
     assert got.arch == FAMILY_OF[keylist], got
+
+
+def test_lora_on_modules_flux1_and_chroma_share_is_ambiguous():
+    """Chroma is FLUX.1's layout without modulation: a LoRA on shared modules only fits both."""
+    from tests.lorafix import make_lora
+    from tests.test_lora_format import parse
+
+    f = parse(make_lora([("transformer.transformer_blocks.0.attn.to_q", 3072, 3072)], naming="peft", rank=2))
+    assert f.arch == "unknown" and "chroma" in f.arch_note and "flux" in f.arch_note

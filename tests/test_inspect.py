@@ -96,9 +96,11 @@ LORAS = [
     ("lycoris-lokr", lambda: make_lora(SD1_UNET, algo="lokr", rank=4, lokr_w2="factored"), {}, "lycoris", "sd1", {"lokr": 2}),
     ("peft", lambda: make_lora([("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k", 320, 768)],
                                naming="peft", rank=4), {}, "peft", "sd1", {"lora": 1}),
+    # norm1.linear (per-block modulation) is FLUX.1's own; without it the file would fit Chroma as well
     ("ai-toolkit flux", lambda: make_lora([("transformer.transformer_blocks.0.attn.to_q", 3072, 3072),
-                                           ("transformer.single_transformer_blocks.0.proj_mlp", 12288, 3072)],
-                                          naming="peft", rank=4), {}, None, "flux", {"lora": 2}),
+                                           ("transformer.single_transformer_blocks.0.proj_mlp", 12288, 3072),
+                                           ("transformer.transformer_blocks.0.norm1.linear", 18432, 3072)],
+                                          naming="peft", rank=4), {}, None, "flux", {"lora": 3}),
     ("kohya flux", lambda: make_lora([("lora_unet_double_blocks_0_img_attn_qkv", 9216, 3072)], rank=4),
      {"modelspec.architecture": "flux-1-dev/lora"}, "kohya", "flux", {"lora": 1}),
     ("dora", lambda: make_lora(SD1_UNET, rank=4, dora=True), {}, None, "sd1", {"lora": 2}),

@@ -15,6 +15,11 @@ from tests.archfix import arch_tensors
 from tests.lorafix import header_of, make_lora
 from tests.test_lora_format import FLUX_QKV, dotted_mods, kohya_mods, parse
 
+# Chroma shares FLUX.1's block names and widths; a FLUX.1 LoRA is told apart by the per-block modulation
+# (img_mod / norm1) that FLUX.1 trainers also train and Chroma does not have.
+FLUX_ONLY = [*FLUX_QKV, "model.diffusion_model.double_blocks.0.img_mod.lin.weight"]
+FLUX_MOD = ("transformer.transformer_blocks.0.norm1.linear", 18432, 3072)
+
 # --------------------------------------------------------------------------------------------
 # a LoRA alone: metadata decides only when no rule table matches
 # --------------------------------------------------------------------------------------------
@@ -52,11 +57,11 @@ def _sd3_mods():
     ("modules", "naming", "arch", "source"),
     [
         # kohya Flux (lora_flux.py): BFL names
-        (lambda: kohya_mods("flux", FLUX_QKV, "lora_unet_"), "kohya", "flux", "rule tables"),
+        (lambda: kohya_mods("flux", FLUX_ONLY, "lora_unet_"), "kohya", "flux", "rule tables"),
         # diffusers Flux
-        (lambda: [("transformer.single_transformer_blocks.0.proj_mlp", 12288, 3072)], "peft", "flux", "rule tables"),
+        (lambda: [("transformer.single_transformer_blocks.0.proj_mlp", 12288, 3072), FLUX_MOD], "peft", "flux", "rule tables"),
         # XLabs-style BFL names without prefix
-        (lambda: dotted_mods("flux", FLUX_QKV, ""), "peft", "flux", "rule tables"),
+        (lambda: dotted_mods("flux", FLUX_ONLY, ""), "peft", "flux", "rule tables"),
         # kohya SD3 (lora_sd3.py)
         (_sd3_mods, "kohya", "sd3", "rule tables"),
         # kohya SDXL: SGM names; transformer depth 2 at input_blocks.4.1 exists only in SDXL
@@ -77,9 +82,10 @@ def _sd3_mods():
         # SD2 TE-only LoRA: OpenCLIP-H width 1024
         (lambda: [("lora_te_text_model_encoder_layers_0_self_attn_q_proj", 1024, 1024)], "kohya", "sd2", "rule tables"),
         # diffusers Flux double blocks only: width 3072
-        (lambda: [("transformer.transformer_blocks.0.attn.to_q", 3072, 3072)], "peft", "flux", "rule tables"),
+        (lambda: [("transformer.transformer_blocks.0.attn.to_q", 3072, 3072), FLUX_MOD], "peft", "flux", "rule tables"),
         # OneTrainer Flux, double blocks only
-        (lambda: [("lora_transformer_transformer_blocks_0_attn_to_q", 3072, 3072)], "kohya", "flux", "rule tables"),
+        (lambda: [("lora_transformer_transformer_blocks_0_attn_to_q", 3072, 3072),
+                  ("lora_transformer_transformer_blocks_0_norm1_linear", 18432, 3072)], "kohya", "flux", "rule tables"),
         # diffusers SD3 medium: width 1536
         (lambda: [("transformer.transformer_blocks.0.attn.to_q", 1536, 1536)], "peft", "sd3", "rule tables"),
         # SDXL: te1 CLIP-L and te2 CLIP-G (SD3 has the same pair, see TIES) with one UNet module only SDXL has
@@ -95,7 +101,7 @@ def test_arch_from_tensors(modules, naming, arch, source):
 
 def test_rule_tables_win_over_disagreeing_metadata_with_a_note():
     # the issue's rule: fewest modules unmatched wins, metadata only breaks ties (0.1 let metadata win)
-    f = parse(make_lora(kohya_mods("flux", FLUX_QKV, "lora_unet_")), {"ss_base_model_version": "sdxl_base_v1-0"})
+    f = parse(make_lora(kohya_mods("flux", FLUX_ONLY, "lora_unet_")), {"ss_base_model_version": "sdxl_base_v1-0"})
     assert (f.arch, f.arch_source) == ("flux", "rule tables")
     assert "flux" in f.arch_note and "sdxl" in f.arch_note
 
@@ -154,9 +160,9 @@ def test_qwen_image_shaped_lora_is_not_flux():
     header = header_of(make_lora(_qwen_image_like(), naming="peft", rank=2))
     f, match = identify(parse_lora(header, {}), header)
     assert f.arch != "flux"
-    assert f.arch == "unknown" and f.arch_source is None
-    assert match.candidates and match.candidates[0].arch == "flux"  # the nearest, reported as such
-    assert "flux" in f.arch_note
+    # with the Qwen-Image family module (lorabake/arch/qwen_image.py) it is matched to its own family
+    assert f.arch == "qwen-image" and f.arch_source == "rule tables"
+    assert match.candidates[0].arch == "qwen-image" and match.candidates[0].unmatched == 0
 
 
 
