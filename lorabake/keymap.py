@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
-from lorabake import dtypes
+from lorabake import dtypes, spread
 from lorabake.arch import FAMILIES, TEXT_ENCODER_KINDS
 from lorabake.arch.common import (
     BIAS_PARAMS,
@@ -25,7 +25,6 @@ from lorabake.arch.common import (
     GENERIC_COMPONENT_PREFIXES,
     GENERIC_TEXT_ENCODERS,
     PARTS,
-    SPREAD_PARTS,
     UNET_LORA_PREFIXES,
     WEIGHT_PARAMS,
     Alias,
@@ -70,8 +69,7 @@ class KeyMap:
     prefixes: tuple[tuple[str, str], ...] = ()
     # stem -> the rule that sent it to its target (for `inspect --keys`)
     rules: dict[str, Rule] = field(default_factory=dict)
-    # fused stem -> the separate base tensors it spans, each with its rows of the stem's ΔW, in row order
-    # (bands tiling the ΔW from row 0; see Alias.spread)
+    # fused stem -> the separate base tensors it spans, each with its band of the stem's ΔW (Alias.spread)
     spread: dict[str, tuple[Target, ...]] = field(default_factory=dict)
 
     def component_of(self, stem: str) -> str | None:
@@ -148,7 +146,7 @@ def build_keymap(
                     table.kohya[mod.key] = tuple(stems)
 
     targets, ambiguous, shadowed = table.result()
-    spread = table.spread_result()
+    spans = {stem: bands for stem, by_key in table.spread.items() if (bands := spread.tiling(by_key.values()))}
     return KeyMap(
         arch=info.arch,
         targets=targets,
@@ -157,8 +155,8 @@ def build_keymap(
         ambiguous=ambiguous,
         shadowed=shadowed,
         prefixes=_component_prefixes(info, text_encoders, diffusion_prefixes),
-        rules={stem: rule for stem, rule in table.rules.items() if stem in targets or stem in spread},
-        spread=spread,
+        rules={stem: rule for stem, rule in table.rules.items() if stem in targets or stem in spans},
+        spread=spans,
     )
 
 
@@ -204,18 +202,6 @@ class _Table:
         return targets, {s: tuple(ts) for s, ts in self.clashes.items()}, shadowed
 
 
-    def spread_result(self) -> dict[str, tuple[Target, ...]]:
-        """Fused stems whose bands tile their ΔW from row 0 without gap or overlap (else dropped:
-        a block whose q, k and v are not all present cannot take the fused adapter)."""
-        out = {}
-        for stem, by_key in self.spread.items():
-            bands = sorted(by_key.values(), key=lambda t: t.delta_rows.start)
-            ends = [0] + [t.delta_rows.start + t.delta_rows.length for t in bands]
-            if len(bands) > 1 and all(t.delta_rows.start == end for t, end in zip(bands, ends)):
-                out[stem] = tuple(bands)
-        return out
-
-
 def _shaped(base: Target, alias: Alias, shape: tuple[int, ...]) -> Target | None:
     """`base` narrowed to the alias's rows and transform; None when the weight's shape rules the row out."""
     if len(shape) < 2 and (alias.part or alias.rows):
@@ -231,23 +217,16 @@ def _shaped(base: Target, alias: Alias, shape: tuple[int, ...]) -> Target | None
         if first is None or stop is None or stop > shape[0] or stop <= first:
             return None
         row_slice = RowSlice(first, stop - first)
-    delta_rows = None
-    if alias.spread is not None:
-        if len(shape) < 2:
-            return None
-        start, end = SPREAD_PARTS[alias.spread]
-        first, stop = _rows_of(start, shape[1], shape[0]), _rows_of(end, shape[1], shape[0])
-        if first is None or stop is None or stop - first != (row_slice.length if row_slice else shape[0]):
-            return None
-        delta_rows = RowSlice(first, stop - first)
+    delta_rows = spread.delta_rows(alias.spread, shape) if alias.spread else None
+    if alias.spread and (delta_rows is None or row_slice is not None):
+        return None
     if row_slice is None and alias.transform is None and delta_rows is None:
         return base
     return replace(base, slice=row_slice, transform=alias.transform, delta_rows=delta_rows)
 
 
 def _rows_of(bound: float | tuple[float, float], hidden: int, total: int) -> int | None:
-    """A band bound as a whole row count: `bound` × H, or h·H + r·R for an (h, r) pair (R = the weight's
-    rows); None when it is not whole (the band does not fit this weight)."""
+    """`bound` × H, or h·H + r·R for an (h, r) pair (R = rows), as whole rows; None when not whole."""
     h, r = bound if isinstance(bound, tuple) else (bound, 0.0)
     rows = h * hidden + r * total
     return round(rows) if abs(rows - round(rows)) < 1e-6 else None

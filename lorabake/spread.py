@@ -11,10 +11,12 @@ torch is imported only when a patch is cut: the planner and the rule table read 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from lorabake.types import RowSlice
+from lorabake.arch.common import SPREAD_PARTS
+from lorabake.types import RowSlice, Target
 
 if TYPE_CHECKING:
     from lorabake.delta import Patch
@@ -35,3 +37,34 @@ def cut(patch: Patch, rows: RowSlice | None) -> Patch:
     dw = delta.delta(patch.algo, patch.parts, out_shape=natural, scale=patch.scale, alpha_override=patch.alpha_override)
     diff = dw.narrow(0, rows.start, rows.length).contiguous()
     return replace(patch, algo="full", parts={"diff": diff}, scale=None, alpha_override=None)
+
+
+def rows_of(bound: float | tuple[float, float], hidden: int, total: int) -> int | None:
+    """A band bound (PARTS, SPREAD_PARTS) as whole rows: `bound` × H, or h·H + r·R for an (h, r) pair
+    (H = in-features, R = rows); None when it is not whole (the band does not fit this weight)."""
+    h, r = bound if isinstance(bound, tuple) else (bound, 0.0)
+    rows = h * hidden + r * total
+    return round(rows) if abs(rows - round(rows)) < 1e-6 else None
+
+
+def delta_rows(part: str, shape: tuple[int, ...]) -> RowSlice | None:
+    """The rows of a fused module's ΔW that a base tensor of `shape` takes (SPREAD_PARTS bounds, H = its
+    in-features, R = its rows); None when the band is not whole or not R rows long."""
+    if len(shape) < 2:
+        return None
+    first, stop = (rows_of(bound, shape[1], shape[0]) for bound in SPREAD_PARTS[part])
+    if first is None or stop is None or stop - first != shape[0]:
+        return None
+    return RowSlice(first, stop - first)
+
+
+def tiling(targets: Iterable[Target]) -> tuple[Target, ...] | None:
+    """The targets in ΔW row order when their bands tile the ΔW from row 0 without gap or overlap (more
+    than one tensor); else None: a block whose q, k and v are not all present cannot take the module."""
+    bands = sorted(targets, key=lambda t: t.delta_rows.start)
+    stop = 0
+    for t in bands:
+        if t.delta_rows.start != stop:
+            return None
+        stop += t.delta_rows.length
+    return tuple(bands) if len(bands) > 1 else None

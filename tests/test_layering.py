@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     # 2: reading names and descriptions: checkpoint detection, LoRA grammar, recipes and jobs; math on tensors
     (
         "detect", "lora_format", "delta", "rounding", "svd", "lowrank", "fold", "bake_kernel",
-        "jobs", "recipe", "shards", "provenance", "lora_data",
+        "jobs", "recipe", "shards", "provenance", "lora_data", "spread",
         "quant",  # stored formats: codecs (math on tensors over rounding) and the GGUF reader/writer
     ),
     # 3: the rule table

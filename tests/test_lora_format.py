@@ -355,8 +355,10 @@ FLUX_QKV = ["model.diffusion_model.double_blocks.0.img_attn.qkv.weight",
 def _flavour_cases():
     sd1_tok = [("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", 320, 768)]
     sdxl = ["model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"]
+    # norm1.linear (per-block modulation) tells FLUX.1 from Chroma, which shares the other names
     diffusers_flux = [("transformer.single_transformer_blocks.0.attn.to_q", 3072, 3072),
-                      ("transformer.transformer_blocks.0.attn.add_q_proj", 3072, 3072)]
+                      ("transformer.transformer_blocks.0.attn.add_q_proj", 3072, 3072),
+                      ("transformer.transformer_blocks.0.norm1.linear", 18432, 3072)]
     return [
         ("kohya", make_lora(sd1_tok), {}),
         ("kohya", make_lora(kohya_mods("sdxl", sdxl, "lora_unet_")), {}),
