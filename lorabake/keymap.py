@@ -69,8 +69,7 @@ class KeyMap:
     prefixes: tuple[tuple[str, str], ...] = ()
     # stem -> the rule that sent it to its target (for `inspect --keys`)
     rules: dict[str, Rule] = field(default_factory=dict)
-    # fused stem -> the separate base tensors it spans, each with its band of the stem's ΔW (Alias.spread)
-    spread: dict[str, tuple[Target, ...]] = field(default_factory=dict)
+    spread: dict[str, tuple[Target, ...]] = field(default_factory=dict)  # fused stem -> its bands (Alias.spread)
 
     def component_of(self, stem: str) -> str | None:
         """The component a stem's prefix names (even one the base lacks), or None if no prefix says."""
@@ -212,8 +211,8 @@ def _shaped(base: Target, alias: Alias, shape: tuple[int, ...]) -> Target | None
     if alias.part is not None:
         hidden = shape[1]
         start, end = PARTS[alias.part] if isinstance(alias.part, str) else alias.part
-        first = _rows_of(start, hidden, shape[0])
-        stop = shape[0] if end is None else _rows_of(end, hidden, shape[0])
+        first = spread.rows_of(start, hidden, shape[0])
+        stop = shape[0] if end is None else spread.rows_of(end, hidden, shape[0])
         if first is None or stop is None or stop > shape[0] or stop <= first:
             return None
         row_slice = RowSlice(first, stop - first)
@@ -223,13 +222,6 @@ def _shaped(base: Target, alias: Alias, shape: tuple[int, ...]) -> Target | None
     if row_slice is None and alias.transform is None and delta_rows is None:
         return base
     return replace(base, slice=row_slice, transform=alias.transform, delta_rows=delta_rows)
-
-
-def _rows_of(bound: float | tuple[float, float], hidden: int, total: int) -> int | None:
-    """`bound` × H, or h·H + r·R for an (h, r) pair (R = rows), as whole rows; None when not whole."""
-    h, r = bound if isinstance(bound, tuple) else (bound, 0.0)
-    rows = h * hidden + r * total
-    return round(rows) if abs(rows - round(rows)) < 1e-6 else None
 
 
 # --- the base's modules ---------------------------------------------------------------------------------
