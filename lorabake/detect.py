@@ -220,7 +220,10 @@ def _notes(fam: Family, lay: Layout, tensors: Mapping[str, TensorInfo]) -> list[
         if variant.naming is not None and variant.naming != lay.naming:
             continue
         info = tensors.get(lay.prefix + variant.key)
-        if variant.dim is not None:
+        if variant.sizes:
+            if info is not None and len(info.shape) > variant.dim and info.shape[variant.dim] in variant.sizes:
+                notes.append(variant.sizes[info.shape[variant.dim]])
+        elif variant.dim is not None:
             if info is not None and len(info.shape) > variant.dim and info.shape[variant.dim] != variant.size:
                 notes.append((variant.present or "").format(size=info.shape[variant.dim]))
         elif info is not None and variant.present:

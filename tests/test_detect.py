@@ -384,6 +384,9 @@ def test_arch_names_table():
         "sdxl": ("stable-diffusion-xl-v1-base", "sdxl_base_v1-0"),
         "sd3": ("stable-diffusion-3-medium", "sd3"),
         "flux": ("flux-1-dev", "flux1"),
+        "wan": ("wan", "wan"),
+        "hunyuanvideo": ("hunyuan-video", "hunyuan_video"),
+        "ltx": ("ltx-video", "ltx"),
     }
 
 

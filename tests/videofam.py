@@ -355,3 +355,31 @@ if __name__ == "__main__":
     import sys
 
     write_key_lists(sys.argv[1:] or None)
+
+
+# ComfyUI's spelling of HunyuanVideo's Tencent names, as ComfyUI comfy/supported_models.py
+# HunyuanVideo.process_unet_state_dict renames them on load (applied in this order).
+COMFY_HUNYUAN_RENAMES = (
+    ("txt_in.t_embedder.mlp.0.", "txt_in.t_embedder.in_layer."),
+    ("txt_in.t_embedder.mlp.2.", "txt_in.t_embedder.out_layer."),
+    ("txt_in.c_embedder.linear_1.", "txt_in.c_embedder.in_layer."),
+    ("txt_in.c_embedder.linear_2.", "txt_in.c_embedder.out_layer."),
+    ("_mod.linear.", "_mod.lin."),
+    ("_attn_qkv.", "_attn.qkv."),
+    ("mlp.fc1.", "mlp.0."),
+    ("mlp.fc2.", "mlp.2."),
+    ("_attn_q_norm.weight", "_attn.norm.query_norm.scale"),
+    ("_attn_k_norm.weight", "_attn.norm.key_norm.scale"),
+    (".q_norm.weight", ".norm.query_norm.scale"),
+    (".k_norm.weight", ".norm.key_norm.scale"),
+    ("_attn_proj.", "_attn.proj."),
+    (".modulation.linear.", ".modulation.lin."),
+    ("_in.mlp.2.", "_in.out_layer."),
+    ("_in.mlp.0.", "_in.in_layer."),
+)
+
+
+def comfy_hunyuan_name(key: str) -> str:
+    for old, new in COMFY_HUNYUAN_RENAMES:
+        key = key.replace(old, new)
+    return key

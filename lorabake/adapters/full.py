@@ -15,6 +15,9 @@ NAME = "full"
 SUFFIXES = (
     Suffix(".diff", "diff"),
     Suffix(".diff_b", "diff_b"),
+    # lightx2v distill LoRAs: the full delta of a block's `modulation` parameter, keyed by the block's name
+    # (the family module gives the parameter that alias)
+    Suffix(".diff_m", "diff"),
 )
 
 

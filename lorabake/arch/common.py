@@ -101,6 +101,7 @@ class Variant(NamedTuple):
     naming: str | None = None  # only for layouts of this naming
     dim: int | None = None  # with `size`: note `present` (with {size}) when shape[dim] != size
     size: int | None = None
+    sizes: Mapping[int, str] = {}  # with `dim`: the note for each value of shape[dim] (a variant by its width)
 
 
 class BlockGroup(NamedTuple):

@@ -1,0 +1,172 @@
+"""HunyuanVideo 1.0 and 1.5: Tencent and ComfyUI spellings as bases, LoRAs in either, against diffusers' fuse_lora.
+
+Bases are tiny diffusers models written in Tencent names by tests/videofam.py, and renamed the way ComfyUI
+renames them on load (comfy/supported_models.py). The reference is PEFT through diffusers'
+`load_lora_adapter` + `fuse_lora` on the same tiny model, fed the LoRA in diffusers names: a LoRA on a
+fused Tencent tensor (`img_attn_qkv`, `linear1`, the refiner's `self_attn_qkv`) is the same LoRA on the
+diffusers q/k/v(/mlp) modules with A shared and B cut at the bands. Stand-in: diffusers' own reader of
+Tencent-named LoRAs cuts `linear1` at a hard-coded 3072 rows (and cuts the refiner's lora_A in three), so
+the test cuts B itself and checks diffusers' reader agrees where it does not hard-code (double blocks).
+HunyuanVideo 1.5 has no reader or converter in diffusers 0.42.1: only the PEFT fuse is the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lorabake.detect import detect_checkpoint
+from lorabake.st_header import TensorInfo
+from tests.cli_helpers import run_main
+from tests.videofam import ARCH_DIR, VARIANTS, build_model, comfy_hunyuan_name, to_native
+from tests.videolora import (
+    assert_close,
+    fused_reference,
+    linear_modules,
+    random_lora,
+    to_diffusers_lora,
+    write,
+)
+
+pytest.importorskip("diffusers")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+STRENGTH = 0.7
+COMFY = "model.diffusion_model."
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _header(name: str, *, prefix: str = "", comfy: bool = False) -> dict[str, TensorInfo]:
+    with open(os.path.join(ARCH_DIR, f"{name}.json"), encoding="utf-8") as fh:
+        tensors = json.load(fh)["tensors"]
+    out = {}
+    for key, spec in tensors.items():
+        key = prefix + (comfy_hunyuan_name(key) if comfy else key)
+        out[key] = TensorInfo(key, "BF16", tuple(spec["shape"]), 0, 0)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "prefix", "comfy", "naming", "words"),
+    [
+        ("hunyuanvideo-t2v", "", False, "tencent", ("1.0", "T2V")),
+        ("hunyuanvideo-t2v", COMFY, False, "tencent", ("1.0", "T2V")),
+        ("hunyuanvideo-t2v", "", True, "comfy", ("1.0", "T2V")),  # Comfy-Org repackaged
+        ("hunyuanvideo-t2v", COMFY, True, "comfy", ("1.0", "T2V")),
+        ("hunyuanvideo15-i2v", "", False, "tencent", ("1.5",)),
+    ],
+)
+def test_full_size_hunyuanvideo_is_detected_with_its_version(name, prefix, comfy, naming, words):
+    info = detect_checkpoint(_header(name, prefix=prefix, comfy=comfy))
+    assert (info.arch, info.prefix, info.naming) == ("hunyuanvideo", prefix, naming), info.notes
+    for word in words:
+        assert word in " ".join(info.notes), (word, info.notes)
+
+
+def _base(tmp_path, name: str, *, prefix: str = "", comfy: bool = False):
+    variant = VARIANTS[name]
+    native = to_native(variant, build_model(variant, tiny=True).state_dict())
+    written = {prefix + (comfy_hunyuan_name(k) if comfy else k): v for k, v in native.items()}
+    path = tmp_path / f"base-{prefix or 'bare'}-{comfy}.safetensors"
+    save_file(written, str(path))
+    back = {prefix + (comfy_hunyuan_name(k) if comfy else k): k for k in native}
+    return variant, native, path, back
+
+
+def _bake(tmp_path, base_path, lora: dict, back: dict, name: str) -> dict:
+    lora_path = tmp_path / f"{name}.safetensors"
+    save_file(lora, str(lora_path))
+    out = tmp_path / f"out-{name}.safetensors"
+    code, stdout, err = run_main(["merge", str(base_path), "--lora", f"{lora_path}:{STRENGTH}", "-o", str(out), "--json"])
+    assert code == 0, err
+    summary = json.loads(stdout)["loras"][0]
+    assert summary["unmatched"] == {} and summary["not_applied"] == []
+    return {back[k]: v for k, v in load_file(str(out)).items()}
+
+
+def _comfy_lora(lora: dict) -> dict:
+    """The same modules under ComfyUI's names."""
+    return {comfy_hunyuan_name(m + ".weight").removesuffix(".weight").removesuffix(".scale"): v for m, v in lora.items()}
+
+
+# (LoRA flavour, alpha, spelled the ComfyUI way)
+FLAVOURS = {
+    "dpipe": ("dpipe", None, False),  # diffusion-pipe: transformer. + Tencent names, lora_A/B
+    "comfy-tencent": ("comfy_ab", None, False),  # diffusion_model. + Tencent names (old ComfyUI LoRAs)
+    "comfy-comfy": ("comfy", 4.0, True),  # diffusion_model. + ComfyUI names, with alpha
+    "musubi": ("musubi", 4.0, False),  # lora_unet_double_blocks_0_img_attn_qkv
+    "hyi2v": ("hyi2v", 4.0, False),  # Hunyuan_video_I2V_lora_double_blocks_0_...
+}
+BASES = {"tencent": ("", False), "tencent-comfyui": (COMFY, False), "comfy": ("", True), "comfy-comfyui": (COMFY, True)}
+
+
+@pytest.mark.parametrize("base", sorted(BASES))
+@pytest.mark.parametrize("flavour", sorted(FLAVOURS))
+def test_hunyuanvideo_lora_in_either_spelling_on_either_base(tmp_path, flavour, base):
+    prefix, comfy = BASES[base]
+    variant, native, path, back = _base(tmp_path, "hunyuanvideo-t2v", prefix=prefix, comfy=comfy)
+    file_flavour, alpha, comfy_names = FLAVOURS[flavour]
+    lora = random_lora(native, linear_modules(native), alpha=alpha, seed=1)  # every linear, img_in's Conv3d too
+    tensors = write(file_flavour, _comfy_lora(lora) if comfy_names else lora)
+    ours = _bake(tmp_path, path, tensors, back, flavour)
+    state = build_model(variant, tiny=True).state_dict()
+    reference = fused_reference(variant, to_diffusers_lora(variant, lora, state), STRENGTH)
+    changed = assert_close(ours, reference, native)
+    assert changed == {m + ".weight" for m in lora}
+    assert {"double_blocks.0.img_attn_qkv.weight", "single_blocks.0.linear1.weight", "img_in.proj.weight",
+            "txt_in.individual_token_refiner.blocks.0.self_attn_qkv.weight",
+            "final_layer.adaLN_modulation.1.weight"} <= changed
+
+
+def test_diffusers_reads_fused_double_block_loras_as_we_cut_them(tmp_path):
+    """Where diffusers' HunyuanVideo LoRA reader does not hard-code a width (double blocks), it gives the
+    LoRA the stand-in gives (A shared, B cut in three)."""
+    from diffusers.loaders import HunyuanVideoLoraLoaderMixin
+
+    variant, native, _, _ = _base(tmp_path, "hunyuanvideo-t2v")
+    lora = random_lora(native, linear_modules(native, include=r"^double_blocks\."), alpha=None, seed=2)
+    path = tmp_path / "double.safetensors"
+    save_file(write("comfy_ab", lora), str(path))
+    theirs = HunyuanVideoLoraLoaderMixin.lora_state_dict(str(path))
+    ours = to_diffusers_lora(variant, lora, build_model(variant, tiny=True).state_dict())
+    assert sorted(theirs) == sorted(ours)
+    for key in ours:
+        assert torch.equal(theirs[key], ours[key]), key
+
+
+@pytest.mark.parametrize("flavour", ["diffusers", "musubi", "comfy_ab"])
+def test_hunyuanvideo15_split_qkv(tmp_path, flavour):
+    variant, native, path, back = _base(tmp_path, "hunyuanvideo15-i2v")
+    lora = random_lora(native, linear_modules(native), alpha=4.0 if flavour == "musubi" else None, seed=3)
+    state = build_model(variant, tiny=True).state_dict()
+    diffusers_lora = to_diffusers_lora(variant, lora, state)
+    tensors = diffusers_lora if flavour == "diffusers" else write(flavour, lora)
+    ours = _bake(tmp_path, path, tensors, back, flavour)
+    reference = fused_reference(variant, diffusers_lora, STRENGTH)
+    changed = assert_close(ours, reference, native)
+    assert changed == {m + ".weight" for m in lora}
+    assert "double_blocks.0.img_attn_q.weight" in changed
+
+
+@pytest.mark.parametrize("base", ["tencent", "comfy"])
+def test_diffusers_split_qkv_lora_onto_fused_hunyuanvideo(tmp_path, base):
+    """diffusers/PEFT LoRAs name to_q/to_k/to_v (and proj_mlp): each lands on its band of the fused tensor."""
+    prefix, comfy = BASES[base]
+    variant, native, path, back = _base(tmp_path, "hunyuanvideo-t2v", prefix=prefix, comfy=comfy)
+    lora = random_lora(native, linear_modules(native), alpha=None, seed=4)
+    diffusers_lora = to_diffusers_lora(variant, lora, build_model(variant, tiny=True).state_dict())
+    assert "transformer.single_transformer_blocks.0.proj_mlp.lora_A.weight" in diffusers_lora
+    ours = _bake(tmp_path, path, diffusers_lora, back, "diffusers")
+    reference = fused_reference(variant, diffusers_lora, STRENGTH)
+    assert assert_close(ours, reference, native) == {m + ".weight" for m in lora}
