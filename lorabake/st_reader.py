@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -71,7 +72,7 @@ class SafetensorsReader:
             raise
         if os.path.isdir(self.path):
             self.layout = "diffusers" if _diffusers_components(self.path) else "sharded"
-        elif self.path.endswith(".index.json"):
+        elif self.path.endswith(".index.json") or len(self.headers) > 1:
             self.layout = "sharded"
         self.tensors: dict[str, TensorInfo] = {n: loc.info for n, loc in self._where.items()}
         self.metadata: dict[str, str] = dict(self.headers[0].metadata) if len(self.headers) == 1 else {}
@@ -348,10 +349,32 @@ def _shards_of(path: str) -> list[tuple[str, str]]:
         indexes = [f for f in sorted(os.listdir(path)) if f.endswith(".safetensors.index.json")]
         if len(indexes) == 1:
             return [("", f) for f in _index_shards(os.path.join(path, indexes[0]))]
+        sets = {_SHARD.sub("", f) for f in os.listdir(path) if _SHARD.search(f)}
+        if not indexes and len(sets) == 1:  # shards without their index: the set by its numbering
+            first = next(f for f in sorted(os.listdir(path)) if _SHARD.search(f))
+            return [("", f) for f in _numbered_shards(os.path.join(path, first))]
         raise InputError(
             "is a directory without a *.safetensors.index.json or diffusers model_index.json", path=path
         )
     if path.endswith(".index.json"):
         return [("", f) for f in _index_shards(path)]
     check_input_path(path)
+    if _SHARD.search(os.path.basename(path)):
+        return [("", f) for f in _numbered_shards(path)]
     return [("", path)]
+
+
+# `<name>-00001-of-00006.safetensors`, as transformers/diffusers number the shards of one model.
+_SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.safetensors$")
+
+
+def _numbered_shards(path: str) -> list[str]:
+    """Every shard of the set `path` belongs to, by its numbering: one shard names the whole model."""
+    match = _SHARD.search(path)
+    count = int(match.group(2))
+    head = path[: match.start()]
+    shards = [f"{head}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+    for shard in shards:
+        if not os.path.isfile(shard):
+            raise InputError(f"shard {os.path.basename(shard)} of this {count}-shard model is missing", path=shard)
+    return shards
