@@ -387,6 +387,8 @@ def test_arch_names_table():
         "wan": ("wan", "wan"),
         "hunyuanvideo": ("hunyuan-video", "hunyuan_video"),
         "ltx": ("ltx-video", "ltx"),
+        "kandinsky5": ("kandinsky-5", "kandinsky5"),
+        "cosmos": ("cosmos-predict2", "cosmos"),
     }
 
 

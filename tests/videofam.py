@@ -167,6 +167,28 @@ LTX_ROWS = _rows(
 )
 
 
+# Cosmos Predict2 (NVIDIA; Anima builds on it): `net.` + the names diffusers' convert_cosmos_transformer_checkpoint_to_diffusers
+# renames (its Cosmos 2.0 table).
+COSMOS_ROWS = _rows(
+    (r"time_embed\.t_embedder\.", "t_embedder.1."),
+    (r"time_embed\.norm\.", "t_embedding_norm."),
+    (r"transformer_blocks\.(\d+)\.norm1\.linear_([12])\.", r"blocks.\1.adaln_modulation_self_attn.\2."),
+    (r"transformer_blocks\.(\d+)\.norm2\.linear_([12])\.", r"blocks.\1.adaln_modulation_cross_attn.\2."),
+    (r"transformer_blocks\.(\d+)\.norm3\.linear_([12])\.", r"blocks.\1.adaln_modulation_mlp.\2."),
+    (r"transformer_blocks\.(\d+)\.attn1\.to_([qkv])\.", r"blocks.\1.self_attn.\2_proj."),
+    (r"transformer_blocks\.(\d+)\.attn2\.to_([qkv])\.", r"blocks.\1.cross_attn.\2_proj."),
+    (r"transformer_blocks\.(\d+)\.attn1\.to_out\.0\.", r"blocks.\1.self_attn.output_proj."),
+    (r"transformer_blocks\.(\d+)\.attn2\.to_out\.0\.", r"blocks.\1.cross_attn.output_proj."),
+    (r"transformer_blocks\.(\d+)\.attn1\.norm_([qk])\.", r"blocks.\1.self_attn.\2_norm."),
+    (r"transformer_blocks\.(\d+)\.attn2\.norm_([qk])\.", r"blocks.\1.cross_attn.\2_norm."),
+    (r"transformer_blocks\.(\d+)\.ff\.net\.0\.proj\.", r"blocks.\1.mlp.layer1."),
+    (r"transformer_blocks\.(\d+)\.ff\.net\.2\.", r"blocks.\1.mlp.layer2."),
+    (r"patch_embed\.proj\.", "x_embedder.proj.1."),
+    (r"norm_out\.linear_([12])\.", r"final_layer.adaln_modulation.\1."),
+    (r"proj_out\.", "final_layer.linear."),
+)
+
+
 def _identity_tail(rows: tuple[Row, ...]) -> tuple[Row, ...]:
     return rows + (Row(r"(.*)$", r"\1"),)
 
@@ -242,6 +264,29 @@ VARIANTS: dict[str, Variant] = {
                 prefix="model.diffusion_model.",
                 source="diffusers 0.42.1 LTXVideoTransformer3DModel at its default config (= Lightricks/LTX-Video); "
                 "transformer only"),
+        Variant("kandinsky5-lite-t2v", "kandinsky5", "Kandinsky 5.0 Video Lite (2B)", "Kandinsky5Transformer3DModel",
+                {"in_visual_dim": 16, "out_visual_dim": 16, "model_dim": 1792, "ff_dim": 7168, "visual_cond": True},
+                {"in_visual_dim": 4, "out_visual_dim": 4, "in_text_dim": 16, "in_text_dim2": 8, "time_dim": 16,
+                 "model_dim": 32, "ff_dim": 64, "num_text_blocks": 1, "num_visual_blocks": 2, "axes_dims": (4, 6, 6),
+                 "visual_cond": True},
+                _identity_tail(()), None, short={"num_visual_blocks": 1},
+                source="diffusers 0.42.1 Kandinsky5Transformer3DModel at the Lite config (kandinsky-5 configs: "
+                "model_dim 1792, ff_dim 7168, 2 text and 32 visual blocks, visual_cond)",
+                check="no converter: Kandinsky-5's own module names are diffusers' (ComfyUI maps its LoRAs bare "
+                "and with `transformer.`)"),
+        Variant("cosmos-predict2-2b-t2i", "cosmos", "Cosmos Predict2 2B Text2Image (Anima builds on it)",
+                "CosmosTransformer3DModel",
+                {"in_channels": 16, "out_channels": 16, "num_attention_heads": 16, "attention_head_dim": 128,
+                 "num_layers": 28, "mlp_ratio": 4.0, "text_embed_dim": 1024, "adaln_lora_dim": 256,
+                 "max_size": (128, 240, 240), "patch_size": (1, 2, 2), "rope_scale": (1.0, 4.0, 4.0),
+                 "concat_padding_mask": True, "extra_pos_embed_type": None},
+                {"in_channels": 4, "out_channels": 4, "num_attention_heads": 2, "attention_head_dim": 12,
+                 "num_layers": 2, "mlp_ratio": 2.0, "text_embed_dim": 16, "adaln_lora_dim": 8,
+                 "max_size": (8, 16, 16), "patch_size": (1, 2, 2), "rope_scale": (1.0, 4.0, 4.0),
+                 "concat_padding_mask": True, "extra_pos_embed_type": None},
+                _identity_tail(COSMOS_ROWS), "convert_cosmos_transformer_checkpoint_to_diffusers", prefix="net.",
+                source="diffusers 0.42.1 CosmosTransformer3DModel at the config of diffusers "
+                "scripts/convert_cosmos_to_diffusers.py (Cosmos-2.0-Diffusion-2B-Text2Image)"),
     )
 }
 
