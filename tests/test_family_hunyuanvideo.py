@@ -148,7 +148,9 @@ def test_diffusers_reads_fused_double_block_loras_as_we_cut_them(tmp_path):
 @pytest.mark.parametrize("flavour", ["diffusers", "musubi", "comfy_ab"])
 def test_hunyuanvideo15_split_qkv(tmp_path, flavour):
     variant, native, path, back = _base(tmp_path, "hunyuanvideo15-i2v")
-    lora = random_lora(native, linear_modules(native), alpha=4.0 if flavour == "musubi" else None, seed=3)
+    # 1.5's patch embedding is a 1x1x1 Conv3d, which PEFT's Conv3d merge cannot fuse: left out of the LoRA,
+    mods = linear_modules(native, exclude=r"^img_in\.|^cond_type_embedding")  # and an nn.Embedding
+    lora = random_lora(native, mods, alpha=4.0 if flavour == "musubi" else None, seed=3)
     state = build_model(variant, tiny=True).state_dict()
     diffusers_lora = to_diffusers_lora(variant, lora, state)
     tensors = diffusers_lora if flavour == "diffusers" else write(flavour, lora)

@@ -242,7 +242,7 @@ VARIANTS: dict[str, Variant] = {
                 short={"num_layers": 1, "vace_layers": [0]}),
         Variant("hunyuanvideo-t2v", "hunyuanvideo", "HunyuanVideo 1.0 T2V (13B)",
                 "HunyuanVideoTransformer3DModel", {},
-                dict(_HY_TINY, num_single_layers=1, pooled_projection_dim=8, patch_size=1),
+                dict(_HY_TINY, num_single_layers=1, pooled_projection_dim=8),
                 _identity_tail(HUNYUAN_ROWS), "convert_hunyuan_video_transformer_to_diffusers",
                 source="diffusers 0.42.1 HunyuanVideoTransformer3DModel at its default config (= tencent/HunyuanVideo)",
                 short={"num_layers": 1, "num_single_layers": 1}),

@@ -242,6 +242,8 @@ FAMILY = Family(
         COMFY_TO_TENCENT,
         TENCENT_TO_COMFY,
         Renames("tencent", "diffusers", modules=TENCENT_TO_DIFFUSERS, note="Tencent checkpoint -> diffusers"),
+        # modules ComfyUI does not rename (txt_in.input_embedder, final_layer.*) reach diffusers' names directly
+        Renames("comfy", "diffusers", modules=TENCENT_TO_DIFFUSERS, note="ComfyUI checkpoint -> diffusers"),
     ),
     # the official HunyuanVideo-I2V LoRA prefix (Tencent-Hunyuan/HunyuanVideo-I2V)
     lora_prefixes=(*DIT_LORA_PREFIXES, "Hunyuan_video_I2V_lora_"),
