@@ -176,18 +176,16 @@ def test_conv3d_patch_embedding_locon_matches_peft_conv3d(tmp_path, prefix):
     assert assert_close(ours, reference, native) == {"patch_embedding.weight"}
 
 
-@pytest.mark.parametrize("prefix", ["", COMFY], ids=["native", "comfyui"])
-def test_lightx2v_full_deltas_diff_b_and_diff_m(tmp_path, prefix):
-    """lightx2v distill LoRA: LoRA + `diff_b` (bias deltas, which diffusers reads as lora_B.bias) + `diff` on
-    norms and `diff_m` on modulation parameters (which diffusers drops: checked as W + strength * diff)."""
-    variant, native, base_path = _base(tmp_path, "wan21-i2v-14b", prefix)
-    lora = _wan_lora(native, alpha=8.0)
+def _lightx2v(native, lora, *, diff_b: bool) -> tuple[dict, dict]:
+    """A lightx2v distill file: the LoRA (ComfyUI names, alpha), `diff_b` bias deltas on its block linears,
+    `diff` on the block norms and `diff_m` on the blocks' and the head's modulation parameters."""
     tensors = write("comfy", lora)
     gen = torch.Generator().manual_seed(7)
     full: dict[str, torch.Tensor] = {}
-    for m in lora:
-        if m.startswith("blocks."):
-            tensors[f"diffusion_model.{m}.diff_b"] = torch.randn(native[m + ".bias"].shape, generator=gen) * 0.1
+    if diff_b:
+        for m in lora:
+            if m.startswith("blocks."):
+                tensors[f"diffusion_model.{m}.diff_b"] = torch.randn(native[m + ".bias"].shape, generator=gen) * 0.1
     for n in range(2):
         full[f"blocks.{n}.modulation"] = torch.randn(native[f"blocks.{n}.modulation"].shape, generator=gen) * 0.1
         tensors[f"diffusion_model.blocks.{n}.diff_m"] = full[f"blocks.{n}.modulation"]
@@ -195,15 +193,33 @@ def test_lightx2v_full_deltas_diff_b_and_diff_m(tmp_path, prefix):
         tensors[f"diffusion_model.blocks.{n}.norm3.diff"] = full[f"blocks.{n}.norm3.weight"]
     full["head.modulation"] = torch.randn(native["head.modulation"].shape, generator=gen) * 0.1
     tensors["diffusion_model.head.diff_m"] = full["head.modulation"]
+    return tensors, full
 
+
+def _lightx2v_case(tmp_path, prefix: str, *, diff_b: bool) -> None:
+    variant, native, base_path = _base(tmp_path, "wan21-i2v-14b", prefix)
+    lora = _wan_lora(native, alpha=8.0)
+    tensors, full = _lightx2v(native, lora, diff_b=diff_b)
     ours = _bake(tmp_path, base_path, tensors, prefix)
     reference = fused_reference(variant, _diffusers_reads(tmp_path, tensors), STRENGTH)
     for key, diff in full.items():  # what diffusers drops
         assert torch.equal(reference[key], native[key])
         reference[key] = native[key] + STRENGTH * diff
     changed = assert_close(ours, reference, native)
-    biases = {m + ".bias" for m in lora if m.startswith("blocks.")}
+    biases = {m + ".bias" for m in lora if m.startswith("blocks.")} if diff_b else set()
     assert changed == {m + ".weight" for m in lora} | biases | set(full)
+
+
+@pytest.mark.parametrize("prefix", ["", COMFY], ids=["native", "comfyui"])
+def test_lightx2v_diff_m_and_norm_diffs(tmp_path, prefix):
+    """`diff` on norms and `diff_m` on modulation parameters, which diffusers drops: W + strength * diff."""
+    _lightx2v_case(tmp_path, prefix, diff_b=False)
+
+
+@pytest.mark.parametrize("prefix", ["", COMFY], ids=["native", "comfyui"])
+def test_lightx2v_diff_b_beside_the_lora(tmp_path, prefix):
+    """`diff_b` next to lora_down/up on one module: diffusers reads it as PEFT's lora_B.bias."""
+    _lightx2v_case(tmp_path, prefix, diff_b=True)
 
 
 def test_diffsynth_vace_lora_lands_on_vace_blocks(tmp_path):
