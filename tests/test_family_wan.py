@@ -245,3 +245,31 @@ def test_i2v_lora_on_t2v_base_is_refused_naming_the_module(tmp_path):
     assert code == 1
     assert "Error:" in err and "k_img" in err
     assert not out.exists()
+
+
+def test_skyreels_v2_shares_the_wan_layout(tmp_path):
+    """SkyReels V2 (diffusers loads its single files with the Wan converter): detected as Wan, LoRAs bake."""
+    from dataclasses import replace
+
+    import diffusers
+
+    from tests.videofam import converter
+
+    torch.manual_seed(0)
+    model = diffusers.SkyReelsV2Transformer3DModel(**{**VARIANTS["wan21-t2v-14b"].tiny, "inject_sample_info": True})
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    variant = replace(VARIANTS["wan21-t2v-14b"], model="SkyReelsV2Transformer3DModel")
+    native = to_native(variant, state)
+    assert any(k.startswith("fps_") for k in native)  # SkyReels' own modules keep their names
+    back = converter(variant)(dict(native))
+    assert sorted(back) == sorted(state) and all(torch.equal(back[k], state[k]) for k in state)
+    base = tmp_path / "skyreels.safetensors"
+    save_file(native, str(base))
+    info = detect_checkpoint({k: TensorInfo(k, "F32", tuple(v.shape), 0, 0) for k, v in native.items()})
+    assert info.arch == "wan"
+    lora = random_lora(native, linear_modules(native, include=r"^blocks\."), alpha=4.0, seed=8)
+    ours = _bake(tmp_path, base, write("musubi", lora), "")
+    changed = {k for k in native if not torch.equal(ours[k], native[k])}
+    assert changed == {m + ".weight" for m in lora}
+    for m, module in lora.items():
+        torch.testing.assert_close(ours[m + ".weight"], native[m + ".weight"] + STRENGTH * module.delta())

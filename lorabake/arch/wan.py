@@ -226,7 +226,6 @@ FAMILY = Family(
     # VideoX-Fun (Wan-Fun) writes `lora_unet__blocks_0_...` (ComfyUI comfy/lora_convert.py convert_lora_wan_fun)
     lora_prefixes=(*DIT_LORA_PREFIXES, "lora_unet__"),
     extract_targets=_EXTRACT_TARGETS,
-    extract_conv_targets=("patch_embedding.weight",),
     variants=(
         # Wan 2.1 and 2.2 differ in the header only where the layout does: 2.2's A14B experts are each a 2.1 14B
         Variant("patch_embedding.weight", dim=1, sizes={
