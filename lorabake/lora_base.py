@@ -92,6 +92,8 @@ def match_lora(
     used = frozenset(p for p in _ALL_PREFIXES if any(stem.startswith(p) for stem in modules))
     scored = []
     for family in FAMILIES.values():
+        if not family.lora_alone:  # its names are another family's (see Family.lora_alone)
+            continue
         keymaps = _virtual_keymaps(family.arch, used)
         matched = max(_count(modules, tensors, keymap, base) for base, keymap in keymaps)
         if matched:

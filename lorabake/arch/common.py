@@ -145,6 +145,9 @@ class Family(NamedTuple):
     # With the text encoders' kinds each makes a virtual checkpoint, so a LoRA alone is matched
     # against the family's rule table (scripts/family_structure.py prints the rows from a key list).
     structures: tuple[str, ...] = ()
+    # False: a LoRA alone is never called this family, because every module it has is named and shaped as in
+    # another family (a base decides instead)
+    lora_alone: bool = True
 
 
 # Row ranges of fused weights: [start, end), None = to the end; a bound is a number of H (the weight's

@@ -261,6 +261,10 @@ FAMILY = Family(
     block_groups=(BlockGroup("double{n}", "double_blocks.{n}."), BlockGroup("single{n}", "single_blocks.{n}.")),
     implementation="https://github.com/Tencent/HunyuanVideo",
     resolution="1280x720",
-    structures=(_HV_10, _HV_15,),
+    structures=(_HV_10, _HV_15),
+    # HunyuanVideo's ComfyUI and diffusers names are Flux's, block for block and shape for shape: a blocks-only
+    # Flux LoRA would fit it as well and come out ambiguous. A LoRA alone is not called HunyuanVideo; with a
+    # base, the base decides.
+    lora_alone=False,
     order=210,
 )
