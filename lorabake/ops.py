@@ -122,7 +122,6 @@ def merge(opts: MergeOptions, *, progress: Progress | None = None, on_plan: Call
         result = MergeResult(plan)
         if plan.unmatched and not opts.allow_unmatched:
             raise _unmatched_error(plan)
-        _refuse_idle_loras(plan)
         if opts.dry_run:
             return result
         lora_data = LoraData(opts.lora_cache_bytes)
@@ -169,19 +168,6 @@ def _unmatched_error(plan: MergePlan) -> MatchError:
         path=lp.reader.path,
         hint="see `lorabake inspect LORA --against BASE`; pass --allow-unmatched to bake the rest anyway",
     )
-
-
-def _refuse_idle_loras(plan: MergePlan) -> None:
-    """A LoRA none of whose modules applies (all skipped or unmatched) would leave the base unchanged: refuse."""
-    for lp in plan.loras:
-        if lp.outcomes and not lp.by_status("applied"):
-            listed = "; ".join(f"{o.stem} ({o.reason})" for o in lp.outcomes[:3])
-            more = f" and {len(lp.outcomes) - 3} more" if len(lp.outcomes) > 3 else ""
-            raise MatchError(
-                f"none of its {len(lp.outcomes)} module(s) applies to {plan.base.path}: {listed}{more}",
-                path=lp.reader.path,
-                hint="the output would equal the base; bake this LoRA into a base that has these modules",
-            )
 
 
 def _verify_lora_data(reader: SafetensorsReader, lora) -> str:

@@ -111,6 +111,24 @@ FLAVOURS = {
 BASES = {"tencent": ("", False), "tencent-comfyui": (COMFY, False), "comfy": ("", True), "comfy-comfyui": (COMFY, True)}
 
 
+@pytest.mark.parametrize("base", sorted(BASES))
+@pytest.mark.parametrize("flavour", sorted(FLAVOURS))
+def test_hunyuanvideo_lora_in_either_spelling_on_either_base(tmp_path, flavour, base):
+    prefix, comfy = BASES[base]
+    variant, native, path, back = _base(tmp_path, "hunyuanvideo-t2v", prefix=prefix, comfy=comfy)
+    file_flavour, alpha, comfy_names = FLAVOURS[flavour]
+    lora = random_lora(native, linear_modules(native), alpha=alpha, seed=1)  # every linear, img_in's Conv3d too
+    tensors = write(file_flavour, _comfy_lora(lora) if comfy_names else lora)
+    ours = _bake(tmp_path, path, tensors, back, flavour)
+    state = build_model(variant, tiny=True).state_dict()
+    reference = fused_reference(variant, to_diffusers_lora(variant, lora, state), STRENGTH)
+    changed = assert_close(ours, reference, native)
+    assert changed == {m + ".weight" for m in lora}
+    assert {"double_blocks.0.img_attn_qkv.weight", "single_blocks.0.linear1.weight", "img_in.proj.weight",
+            "txt_in.individual_token_refiner.blocks.0.self_attn_qkv.weight",
+            "final_layer.adaLN_modulation.1.weight"} <= changed
+
+
 def test_diffusers_reads_fused_double_block_loras_as_we_cut_them(tmp_path):
     """Where diffusers' HunyuanVideo LoRA reader does not hard-code a width (double blocks), it gives the
     LoRA the stand-in gives (A shared, B cut in three)."""
@@ -127,7 +145,7 @@ def test_diffusers_reads_fused_double_block_loras_as_we_cut_them(tmp_path):
         assert torch.equal(theirs[key], ours[key]), key
 
 
-@pytest.mark.parametrize("flavour", ["diffusers"])
+@pytest.mark.parametrize("flavour", ["diffusers", "musubi", "comfy_ab"])
 def test_hunyuanvideo15_split_qkv(tmp_path, flavour):
     variant, native, path, back = _base(tmp_path, "hunyuanvideo15-i2v")
     # 1.5's patch embedding is a 1x1x1 Conv3d, which PEFT's Conv3d merge cannot fuse: left out of the LoRA,
@@ -141,3 +159,16 @@ def test_hunyuanvideo15_split_qkv(tmp_path, flavour):
     changed = assert_close(ours, reference, native)
     assert changed == {m + ".weight" for m in lora}
     assert "double_blocks.0.img_attn_q.weight" in changed
+
+
+@pytest.mark.parametrize("base", ["tencent", "comfy"])
+def test_diffusers_split_qkv_lora_onto_fused_hunyuanvideo(tmp_path, base):
+    """diffusers/PEFT LoRAs name to_q/to_k/to_v (and proj_mlp): each lands on its band of the fused tensor."""
+    prefix, comfy = BASES[base]
+    variant, native, path, back = _base(tmp_path, "hunyuanvideo-t2v", prefix=prefix, comfy=comfy)
+    lora = random_lora(native, linear_modules(native), alpha=None, seed=4)
+    diffusers_lora = to_diffusers_lora(variant, lora, build_model(variant, tiny=True).state_dict())
+    assert "transformer.single_transformer_blocks.0.proj_mlp.lora_A.weight" in diffusers_lora
+    ours = _bake(tmp_path, path, diffusers_lora, back, "diffusers")
+    reference = fused_reference(variant, diffusers_lora, STRENGTH)
+    assert assert_close(ours, reference, native) == {m + ".weight" for m in lora}
