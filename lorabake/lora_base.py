@@ -92,14 +92,12 @@ def match_lora(
     used = frozenset(p for p in _ALL_PREFIXES if any(stem.startswith(p) for stem in modules))
     scored = []
     for family in FAMILIES.values():
-        if not family.lora_alone:  # its names are another family's (see Family.lora_alone)
-            continue
         keymaps = _virtual_keymaps(family.arch, used)
         matched = max(_count(modules, tensors, keymap, base) for base, keymap in keymaps)
         if matched:
             scored.append(Candidate(family.arch, matched, len(modules) - matched))
     scored.sort(key=lambda c: c.unmatched)
-    candidates = tuple(scored)
+    candidates = _look_alikes_aside(scored, said, len(modules))
     if not candidates or candidates[0].unmatched > MAX_UNMATCHED_SHARE * len(modules):
         near = _describe(candidates[:3], len(modules))
         if said:
@@ -119,6 +117,19 @@ def match_lora(
     if said and said != arch:
         note = f"metadata names {said} but its modules match the {arch} rule table ({_describe(candidates[:3], len(modules))})"
     return BaseMatch(arch, "rule tables", note, candidates)
+
+
+def _look_alikes_aside(scored: list[Candidate], said: str | None, total: int) -> tuple[Candidate, ...]:
+    """A family whose LoRA names are another's (`Family.lora_alone` False) stays a candidate only when it wins
+    outright: within the unmatched share and fewer unmatched than every other family, or as few with metadata
+    naming it. Otherwise it steps aside, so a LoRA of the other family is never called ambiguous or it."""
+    rest = [c.unmatched for c in scored if FAMILIES[c.arch].lora_alone]
+    least = min(rest, default=total + 1)
+
+    def wins(c: Candidate) -> bool:
+        return c.unmatched <= MAX_UNMATCHED_SHARE * total and (c.unmatched < least or (c.unmatched == least and said == c.arch))
+
+    return tuple(c for c in scored if FAMILIES[c.arch].lora_alone or wins(c))
 
 
 def _describe(candidates: tuple[Candidate, ...], total: int) -> str:

@@ -20,8 +20,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorabake.detect import detect_checkpoint
+from lorabake.lora_base import identify
+from lorabake.lora_format import parse_lora
 from lorabake.st_header import TensorInfo
+from tests.archfix import arch_tensors
 from tests.cli_helpers import run_main
+from tests.lorafix import fake_header
 from tests.videofam import ARCH_DIR, VARIANTS, build_model, comfy_hunyuan_name, to_native
 from tests.videolora import (
     assert_close,
@@ -72,6 +76,67 @@ def test_full_size_hunyuanvideo_is_detected_with_its_version(name, prefix, comfy
     assert (info.arch, info.prefix, info.naming) == ("hunyuanvideo", prefix, naming), info.notes
     for word in words:
         assert word in " ".join(info.notes), (word, info.notes)
+
+
+def _lora_alone(weights: dict[str, tuple[int, ...]], spelling: str) -> dict[str, TensorInfo]:
+    """Header of a rank-4 LoRA on every 2-D weight of `weights` (full-size names and shapes), no base."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for key, (rows, cols) in weights.items():
+        module = key.removesuffix(".weight")
+        if spelling == "musubi":  # lora_unet_double_blocks_0_img_attn_qkv, with alpha
+            stem = "lora_unet_" + module.replace(".", "_")
+            shapes |= {f"{stem}.lora_down.weight": (4, cols), f"{stem}.lora_up.weight": (rows, 4), f"{stem}.alpha": ()}
+        else:  # ComfyUI / diffusion-pipe: diffusion_model. + ComfyUI's names, lora_A/B
+            stem = "diffusion_model." + comfy_hunyuan_name(key).removesuffix(".weight")
+            shapes |= {f"{stem}.lora_A.weight": (4, cols), f"{stem}.lora_B.weight": (rows, 4)}
+    return fake_header(shapes)
+
+
+def _weights(name: str, keep=lambda key: True) -> dict[str, tuple[int, ...]]:
+    with open(os.path.join(ARCH_DIR, f"{name}.json"), encoding="utf-8") as fh:
+        tensors = json.load(fh)["tensors"]
+    return {k: tuple(v["shape"]) for k, v in tensors.items() if k.endswith(".weight") and len(v["shape"]) == 2 and keep(k)}
+
+
+def _flux_blocks(key: str) -> bool:
+    """A module Flux dev has too, same name and shape: its 19 double and 38 single blocks."""
+    parts = key.split(".")
+    return (parts[0], int(parts[1]) if parts[1].isdigit() else -1) in (
+        {("double_blocks", i) for i in range(19)} | {("single_blocks", i) for i in range(38)})
+
+
+@pytest.mark.parametrize(
+    ("name", "keep", "spelling", "metadata", "arch"),
+    [
+        ("hunyuanvideo-t2v", None, "musubi", {}, "hunyuanvideo"),
+        ("hunyuanvideo-t2v", None, "comfy", {}, "hunyuanvideo"),  # 312 of its 343 modules fit Flux too
+        ("hunyuanvideo-t2v", "blocks", "comfy", {}, "hunyuanvideo"),  # blocks only: 20 double, 40 single
+        ("hunyuanvideo15-i2v", None, "comfy", {}, "hunyuanvideo"),
+        # only what Flux has, name for name and shape for shape: Flux, unless metadata says otherwise
+        ("hunyuanvideo-t2v", "flux", "comfy", {}, "flux"),
+        ("hunyuanvideo-t2v", "flux", "musubi", {"ss_base_model_version": "hunyuan_video"}, "hunyuanvideo"),
+    ],
+)
+def test_a_hunyuanvideo_lora_alone_is_named_when_it_wins_outright(name, keep, spelling, metadata, arch):
+    rule = {None: lambda k: True, "blocks": lambda k: k.startswith(("double_blocks.", "single_blocks.")),
+            "flux": _flux_blocks}[keep]
+    header = _lora_alone(_weights(name, rule), spelling)
+    lora, match = identify(parse_lora(header, metadata), header)
+    assert (lora.arch, lora.arch_source, match.ambiguous) == (arch, "rule tables", False), match
+
+
+def test_a_flux_lora_alone_stays_flux():
+    """Every module of a full Flux dev LoRA fits HunyuanVideo's rule table as well: HunyuanVideo steps aside."""
+    weights = {k.removeprefix("model.diffusion_model."): tuple(v["shape"]) for k, v in arch_tensors("flux").items()
+               if k.startswith("model.diffusion_model.") and k.endswith(".weight") and len(v["shape"]) == 2}
+    shapes = {}
+    for key, (rows, cols) in weights.items():
+        stem = "diffusion_model." + key.removesuffix(".weight")
+        shapes |= {f"{stem}.lora_A.weight": (4, cols), f"{stem}.lora_B.weight": (rows, 4)}
+    header = fake_header(shapes)
+    lora, match = identify(parse_lora(header, {}), header)
+    assert (lora.arch, match.ambiguous) == ("flux", False), match
+    assert "hunyuanvideo" not in {c.arch for c in match.candidates}
 
 
 def _base(tmp_path, name: str, *, prefix: str = "", comfy: bool = False):

@@ -145,8 +145,9 @@ class Family(NamedTuple):
     # With the text encoders' kinds each makes a virtual checkpoint, so a LoRA alone is matched
     # against the family's rule table (scripts/family_structure.py prints the rows from a key list).
     structures: tuple[str, ...] = ()
-    # False: a LoRA alone is never called this family, because every module it has is named and shaped as in
-    # another family (a base decides instead)
+    # False: its LoRAs' names and shapes are another family's, block for block. A LoRA alone is called this
+    # family only when it wins outright (a module only it has, more blocks, or metadata breaking a tie);
+    # otherwise it steps aside and the other family decides (with a base, the base decides)
     lora_alone: bool = True
 
 

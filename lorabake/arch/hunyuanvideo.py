@@ -262,9 +262,9 @@ FAMILY = Family(
     implementation="https://github.com/Tencent/HunyuanVideo",
     resolution="1280x720",
     structures=(_HV_10, _HV_15),
-    # HunyuanVideo's ComfyUI and diffusers names are Flux's, block for block and shape for shape: a blocks-only
-    # Flux LoRA would fit it as well and come out ambiguous. A LoRA alone is not called HunyuanVideo; with a
-    # base, the base decides.
+    # HunyuanVideo's ComfyUI and diffusers names are Flux's, block for block and shape for shape: every module
+    # of a Flux LoRA fits it as well. A LoRA alone is called HunyuanVideo only when it wins outright (more
+    # blocks, the token refiner, Tencent's fused names, or metadata breaking a tie); with a base, the base decides.
     lora_alone=False,
     order=210,
 )
