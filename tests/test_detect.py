@@ -378,7 +378,7 @@ def test_metadata_disagreeing_with_tensors_is_noted_not_obeyed():
 
 
 def test_arch_names_table():
-    assert {a: (n["modelspec"], n["kohya"]) for a, n in ARCH_NAMES.items() if a in ("sd1", "sd2", "sdxl", "sd3", "flux")} == {
+    assert {a: (n["modelspec"], n["kohya"]) for a, n in ARCH_NAMES.items() if a in ("sd1", "sd2", "sdxl", "sd3", "flux", "wan", "hunyuanvideo", "ltx", "kandinsky5", "cosmos")} == {
         "sd1": ("stable-diffusion-v1", "sd_v1"),
         "sd2": ("stable-diffusion-v2-512", "sd_v2"),
         "sdxl": ("stable-diffusion-xl-v1-base", "sdxl_base_v1-0"),

@@ -121,7 +121,9 @@ TENCENT_TO_COMFY = Renames(
 
 _REFINER = Probe("txt_in.individual_token_refiner.blocks.0.norm1.weight")
 _TENCENT = (Probe("double_blocks.0.img_attn_proj.weight"), _REFINER)
-_COMFY = (Probe("double_blocks.0.img_attn.proj.weight"), _REFINER)
+# ComfyUI's names are Flux's double blocks: probing Flux's own sentinel plus the token refiner (only here) makes
+# this layout's probes a superset of Flux's, so detection keeps the more specific family
+_COMFY = (Probe("double_blocks.0.img_attn.qkv.weight"), _REFINER)
 
 # musubi-tuner / diffusion-pipe target the double and single blocks' linears.
 _EXTRACT_TARGETS = tuple(
