@@ -56,7 +56,12 @@ BFL_EXTRAS: dict[str, tuple[Alias, ...]] = {
 }
 
 _BFL = (Probe("double_blocks.0.img_attn.qkv.weight"), Probe(_G + "in_proj.weight"))
-_DIFFUSERS = (Probe("single_transformer_blocks.0.proj_mlp.weight"), Probe(_G + "in_proj.weight"))
+# FLUX.1's diffusers probes plus the guidance layer: a superset, so detection keeps Chroma over FLUX.1
+_DIFFUSERS = (
+    Probe("single_transformer_blocks.0.proj_mlp.weight"),
+    Probe("transformer_blocks.0.attn.add_q_proj.weight"),
+    Probe(_G + "in_proj.weight"),
+)
 
 _EXTRACT_TARGETS = tuple(
     f"{s}_{m}.weight" for s in ("img", "txt") for m in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2")
