@@ -118,7 +118,10 @@ def plan_merge(
             outcome, planned = _resolve(index, spec, module, reader, base, keymap)
             plan.outcomes.append(outcome)
             for p in planned:
-                slot = (p.target.key if p.param == "weight" else p.target.bias_key, p.target.slice, p.param)
+                # a fused module's rows (spread) and the tensor's own module are two modules, both applied: files
+                # carry a trained `to_qkv` next to empty (all-zero) `to_q`/`to_k`/`to_v` entries
+                spread_rows = p.target.delta_rows is not None
+                slot = (p.target.key if p.param == "weight" else p.target.bias_key, p.target.slice, p.param, spread_rows)
                 if slot in claimed:
                     raise MatchError(
                         f"modules {claimed[slot]!r} and {stem!r} both target {slot[0]}"

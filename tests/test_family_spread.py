@@ -39,19 +39,23 @@ def _attentions(sd) -> list[tuple[str, int, int, int]]:
     ]
 
 
+@pytest.mark.parametrize("empty", [False, True], ids=["alone", "with-empty-to_q_k_v"])
 @pytest.mark.parametrize("layout", ["native-bf16", "comfyui-fp32"])
-def test_krea2_fused_to_qkv_lora_onto_separate_wq_wk_wv(layout, tmp_path):
+def test_krea2_fused_to_qkv_lora_onto_separate_wq_wk_wv(layout, empty, tmp_path):
+    """`empty`: the file also holds per-projection entries with an all-zero up (as Krea 2 LoRAs do next to
+    the trained `to_qkv`): both modules land on wq/wk/wv, the empty ones adding nothing."""
     fam = FAMILIES["krea2"]
     sd = tiny_state("krea2")
     gen = torch.Generator().manual_seed(11)
-    fused, split = {}, {}
+    fused, split, zeros = {}, {}, {}
     for path, q, k, v in _attentions(sd):
         down = torch.randn(4, sd[path + ".to_q.weight"].shape[1], generator=gen) * 0.1
         up = torch.randn(q + k + v, 4, generator=gen) * 0.1
         fused[path + ".to_qkv"] = (down, up, 2.0)
         for name, a, b in (("to_q", 0, q), ("to_k", q, q + k), ("to_v", q + k, q + k + v)):
             split[f"{path}.{name}"] = (down, up[a:b], 2.0)
-    write_lora(tmp_path / "fused.safetensors", fused, "lycoris")
+            zeros[f"{path}.{name}"] = (torch.randn(4, down.shape[1], generator=gen), torch.zeros(b - a, 4), 2.0)
+    write_lora(tmp_path / "fused.safetensors", {**fused, **zeros} if empty else fused, "lycoris")
     write_lora(tmp_path / "split.safetensors", split, "peft")
     assert len(fused) == 4  # the tiny model's 2 blocks, 1 layer-wise and 1 refiner text-fusion block
     reference = fam.to_native(diffusers_fused(fam, sd, tmp_path / "split.safetensors", 0.7))
@@ -59,7 +63,7 @@ def test_krea2_fused_to_qkv_lora_onto_separate_wq_wk_wv(layout, tmp_path):
     base = {prefix + k: v.to(dtype) for k, v in fam.to_native(sd).items()}
     save_file(base, str(tmp_path / "base.safetensors"))
     summary = merge(tmp_path / "base.safetensors", f"{tmp_path / 'fused.safetensors'}:0.7", tmp_path / "out.safetensors")
-    assert summary["loras"][0]["applied"] == {"dit": len(fused)}
+    assert summary["loras"][0]["applied"] == {"dit": len(fused) + (len(zeros) if empty else 0)}
     ours = load_file(str(tmp_path / "out.safetensors"))
     changed = assert_matches(ours, {prefix + k: v for k, v in reference.items()}, base, bf16=dtype == torch.bfloat16)
     assert changed == {k for k in base if k.endswith((".attn.wq.weight", ".attn.wk.weight", ".attn.wv.weight"))}
