@@ -5,18 +5,15 @@ Exit codes: 0 success, 1 failure on data or files, 2 usage error, 130 interrupte
 
 from __future__ import annotations
 
-import math
-import os
 import sys
 import traceback
 
 import click
 
-from lorabake import __version__, interrupts, limits, stdio
-from lorabake.errors import LorabakeError, UsageError, from_os_error
+from lorabake import __version__, cli_loratools, interrupts, stdio
+from lorabake.errors import EXIT_CODES_HELP, LorabakeError, UsageError, from_os_error
+from lorabake.lora_args import parse_lora_arg
 from lorabake.text import sanitize, to_json
-
-EXIT_CODES_HELP = "Exit codes: 0 success, 1 failure on data or files, 2 usage error, 130 interrupted."
 
 MERGE_EXAMPLES = """
 \b
@@ -115,53 +112,6 @@ def cli(debug: bool) -> None:  # noqa: ARG001
 
 
 # -- merge ---------------------------------------------------------------------------------
-def parse_lora_arg(text: str):
-    """PATH[:STRENGTH[:TE_STRENGTH]], numbers taken from the right so paths may contain ':'."""
-    from lorabake.plan import LoraSpec  # torch comes with it: not at import, where no handler runs yet
-
-    pieces = text.split(":")
-    numbers: list[float] = []
-    while len(pieces) > 1 and len(numbers) < 2:
-        value = _number(pieces[-1])
-        if value is None:
-            break
-        numbers.insert(0, value)
-        pieces.pop()
-    path = ":".join(pieces)
-    if ":" in path and not os.path.exists(path):
-        _explain_bad_strengths(text)
-    strength = numbers[0] if numbers else 1.0
-    te = numbers[1] if len(numbers) > 1 else None
-    return LoraSpec(path=path, strength=strength, te_strength=te)
-
-
-def _explain_bad_strengths(text: str) -> None:
-    """The path as parsed does not exist: if a shorter prefix does, the rest were meant as
-    strengths, so say which one is wrong (a usage error) instead of "no such file"."""
-    pieces = text.split(":")
-    for cut in range(len(pieces) - 1, 0, -1):
-        if os.path.exists(":".join(pieces[:cut])):
-            rest = pieces[cut:]
-            if len(rest) > 2:
-                raise UsageError(f"--lora {text!r} has more than two strengths")
-            for piece in rest:
-                if _number(piece) is None:
-                    raise UsageError(f"strength {piece!r} in --lora {text!r} is not a number")
-            return
-
-
-def _number(text: str) -> float | None:
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    if not math.isfinite(value):
-        raise UsageError(f"strength {text!r} is not a finite number")
-    if not limits.fits_fp32(value):
-        raise UsageError(f"strength {text!r} is outside what fp32 holds (±{limits.FP32_MAX:.4g}, smallest {limits.FP32_TINY:.4g})")
-    return value
-
-
 @cli.command(epilog=MERGE_EXAMPLES + "\n" + EXIT_CODES_HELP)
 @click.argument("base", type=click.Path())
 @click.option("--lora", "loras", multiple=True, required=True, metavar="PATH[:STRENGTH[:TE_STRENGTH]]",
@@ -334,63 +284,5 @@ def bake(recipe, shard, device, fan_out, dry_run, as_json, force, quiet):
             batch_render.print_batch(report)
 
 
-# -- combine / resize ----------------------------------------------------------------------
-LORATOOL_EXAMPLES = """
-\b
-Examples:
-  lorabake combine style.safetensors:0.6 detail.safetensors:1.0 -o style_detail.safetensors
-  lorabake combine a.safetensors b.safetensors:-0.5 -o ab_r32.safetensors --rank 32
-  lorabake resize big_r128.safetensors -o small.safetensors --rank 16
-  lorabake resize big.safetensors -o dyn.safetensors --rank 64 --rank-mode energy --rank-param 0.95
-"""
-
-
-def _run_loratool(command, specs, output, rank, rank_mode, rank_param, dtype, as_json, force, quiet):
-    from lorabake import loratools
-
-    opts = loratools.ToolOptions(inputs=tuple(specs), output=output, rank=rank, rank_mode=rank_mode,
-                                 rank_param=rank_param, dtype=dtype, force=force, command=command)
-    result = loratools.run(opts)
-    with stdio.report():
-        if as_json:
-            click.echo(to_json(loratools.result_json(result)))
-        elif not quiet:
-            for line in loratools.summary_lines(result):
-                click.echo(sanitize(line))
-
-
-def _loratool_options(fn):
-    for decorator in reversed((
-        click.option("-o", "--output", type=click.Path(), required=True, help="Output LoRA .safetensors file."),
-        click.option("--rank-mode", type=click.Choice(["fixed", "energy", "ratio", "cumulative"]), default="fixed",
-                     show_default=True, help="As in extract: how the rank of each module is chosen."),
-        click.option("--rank-param", type=float, help="X for the dynamic rank modes."),
-        click.option("--dtype", type=click.Choice(["keep", "fp16", "bf16", "fp32"]), default="keep", show_default=True,
-                     help="Dtype of the written factors (keep: each module's input dtype)."),
-        click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON document."),
-        click.option("--force", is_flag=True, help="Overwrite an existing output file."),
-        click.option("--quiet", is_flag=True, help="Print only errors."),
-    )):
-        fn = decorator(fn)
-    return fn
-
-
-@cli.command(epilog=LORATOOL_EXAMPLES + "\n" + EXIT_CODES_HELP)
-@click.argument("loras", nargs=-1, required=True, metavar="PATH[:STRENGTH[:TE_STRENGTH]]...")
-@click.option("--rank", type=int, help="Reduce every module to this rank (optimal); default: exact stacking.")
-@_loratool_options
-def combine(loras, output, rank, rank_mode, rank_param, dtype, as_json, force, quiet):
-    """One LoRA whose effect equals baking all the given LoRAs at their strengths."""
-    specs = [parse_lora_arg(text) for text in loras]
-    _run_loratool("combine", specs, output, rank, rank_mode, rank_param, dtype, as_json, force, quiet)
-
-
-@cli.command(epilog=LORATOOL_EXAMPLES + "\n" + EXIT_CODES_HELP)
-@click.argument("lora", type=click.Path())
-@click.option("--rank", type=int, required=True, help="The new rank (the cap for a dynamic --rank-mode).")
-@_loratool_options
-def resize(lora, output, rank, rank_mode, rank_param, dtype, as_json, force, quiet):
-    """Shrink a LoRA's rank optimally (truncated SVD of each module's exact product), reporting the error."""
-    from lorabake.plan import LoraSpec
-
-    _run_loratool("resize", [LoraSpec(lora)], output, rank, rank_mode, rank_param, dtype, as_json, force, quiet)
+cli.add_command(cli_loratools.combine)
+cli.add_command(cli_loratools.resize)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass
 
+EXIT_CODES_HELP = "Exit codes: 0 success, 1 failure on data or files, 2 usage error, 130 interrupted."
+
 
 @dataclass
 class LorabakeError(Exception):

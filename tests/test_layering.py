@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, ...]] = [
     # 5: use cases: where files meet math
     ("ops", "extract", "inspection", "explain", "batch", "fanout", "loratools"),
     # 6: presentation
-    ("render", "batch_render", "cli", "__main__"),
+    ("render", "batch_render", "lora_args", "cli_loratools", "cli", "__main__"),
 ]
 
 

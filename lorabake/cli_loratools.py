@@ -1,0 +1,71 @@
+"""The LoRA-to-LoRA commands (combine, resize): options and output, the work is in loratools."""
+
+from __future__ import annotations
+
+import click
+
+from lorabake import stdio
+from lorabake.errors import EXIT_CODES_HELP
+from lorabake.lora_args import parse_lora_arg
+from lorabake.text import sanitize, to_json
+
+# -- combine / resize ----------------------------------------------------------------------
+LORATOOL_EXAMPLES = """
+\b
+Examples:
+  lorabake combine style.safetensors:0.6 detail.safetensors:1.0 -o style_detail.safetensors
+  lorabake combine a.safetensors b.safetensors:-0.5 -o ab_r32.safetensors --rank 32
+  lorabake resize big_r128.safetensors -o small.safetensors --rank 16
+  lorabake resize big.safetensors -o dyn.safetensors --rank 64 --rank-mode energy --rank-param 0.95
+"""
+
+
+def _run_loratool(command, specs, output, rank, rank_mode, rank_param, dtype, as_json, force, quiet):
+    from lorabake import loratools
+
+    opts = loratools.ToolOptions(inputs=tuple(specs), output=output, rank=rank, rank_mode=rank_mode,
+                                 rank_param=rank_param, dtype=dtype, force=force, command=command)
+    result = loratools.run(opts)
+    with stdio.report():
+        if as_json:
+            click.echo(to_json(loratools.result_json(result)))
+        elif not quiet:
+            for line in loratools.summary_lines(result):
+                click.echo(sanitize(line))
+
+
+def _loratool_options(fn):
+    for decorator in reversed((
+        click.option("-o", "--output", type=click.Path(), required=True, help="Output LoRA .safetensors file."),
+        click.option("--rank-mode", type=click.Choice(["fixed", "energy", "ratio", "cumulative"]), default="fixed",
+                     show_default=True, help="As in extract: how the rank of each module is chosen."),
+        click.option("--rank-param", type=float, help="X for the dynamic rank modes."),
+        click.option("--dtype", type=click.Choice(["keep", "fp16", "bf16", "fp32"]), default="keep", show_default=True,
+                     help="Dtype of the written factors (keep: each module's input dtype)."),
+        click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON document."),
+        click.option("--force", is_flag=True, help="Overwrite an existing output file."),
+        click.option("--quiet", is_flag=True, help="Print only errors."),
+    )):
+        fn = decorator(fn)
+    return fn
+
+
+@click.command(epilog=LORATOOL_EXAMPLES + "\n" + EXIT_CODES_HELP)
+@click.argument("loras", nargs=-1, required=True, metavar="PATH[:STRENGTH[:TE_STRENGTH]]...")
+@click.option("--rank", type=int, help="Reduce every module to this rank (optimal); default: exact stacking.")
+@_loratool_options
+def combine(loras, output, rank, rank_mode, rank_param, dtype, as_json, force, quiet):
+    """One LoRA whose effect equals baking all the given LoRAs at their strengths."""
+    specs = [parse_lora_arg(text) for text in loras]
+    _run_loratool("combine", specs, output, rank, rank_mode, rank_param, dtype, as_json, force, quiet)
+
+
+@click.command(epilog=LORATOOL_EXAMPLES + "\n" + EXIT_CODES_HELP)
+@click.argument("lora", type=click.Path())
+@click.option("--rank", type=int, required=True, help="The new rank (the cap for a dynamic --rank-mode).")
+@_loratool_options
+def resize(lora, output, rank, rank_mode, rank_param, dtype, as_json, force, quiet):
+    """Shrink a LoRA's rank optimally (truncated SVD of each module's exact product), reporting the error."""
+    from lorabake.plan import LoraSpec
+
+    _run_loratool("resize", [LoraSpec(lora)], output, rank, rank_mode, rank_param, dtype, as_json, force, quiet)
