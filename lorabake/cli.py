@@ -286,3 +286,4 @@ def bake(recipe, shard, device, fan_out, dry_run, as_json, force, quiet):
 
 cli.add_command(cli_loratools.combine)
 cli.add_command(cli_loratools.resize)
+cli.add_command(cli_loratools.convert)

@@ -69,3 +69,35 @@ def resize(lora, output, rank, rank_mode, rank_param, dtype, as_json, force, qui
     from lorabake.plan import LoraSpec
 
     _run_loratool("resize", [LoraSpec(lora)], output, rank, rank_mode, rank_param, dtype, as_json, force, quiet)
+
+
+# -- convert -----------------------------------------------------------------------------------
+CONVERT_EXAMPLES = """
+\b
+Examples:
+  lorabake convert kohya_flux.safetensors --to diffusers -o flux_diffusers.safetensors
+  lorabake convert diffusers_lora.safetensors --to comfyui -o comfy.safetensors
+  lorabake convert lora.safetensors --to comfyui --like my_checkpoint.safetensors -o comfy.safetensors
+"""
+
+
+@click.command(epilog=CONVERT_EXAMPLES + "\n" + EXIT_CODES_HELP)
+@click.argument("lora", type=click.Path())
+@click.option("--to", "to", type=click.Choice(["kohya", "comfyui", "diffusers", "peft", "aitoolkit"]), required=True,
+              help="The flavour of names (and alpha) to write.")
+@click.option("--like", type=click.Path(), help="A checkpoint whose own module names the output uses (header read only).")
+@click.option("-o", "--output", type=click.Path(), required=True, help="Output LoRA .safetensors file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON document.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--quiet", is_flag=True, help="Print only errors.")
+def convert(lora, to, like, output, as_json, force, quiet):
+    """The same LoRA under another trainer's names: renamed, split or fused exactly, alpha carried or folded."""
+    from lorabake import convert as conv
+
+    result = conv.run(conv.ConvertOptions(lora=lora, output=output, to=to, like=like, force=force))
+    with stdio.report():
+        if as_json:
+            click.echo(to_json(conv.result_json(result)))
+        elif not quiet:
+            for line in conv.summary_lines(result):
+                click.echo(sanitize(line))

@@ -30,9 +30,9 @@ LAYERS: list[tuple[str, ...]] = [
     # 3: the rule table
     ("keymap",),
     # 4: what a LoRA is for (matching against rule tables), and the plan
-    ("lora_base", "plan", "extract_plan"),
+    ("lora_base", "plan", "extract_plan", "convert_plan"),
     # 5: use cases: where files meet math
-    ("ops", "extract", "inspection", "explain", "batch", "fanout", "loratools"),
+    ("ops", "extract", "inspection", "explain", "batch", "fanout", "loratools", "convert"),
     # 6: presentation
     ("render", "batch_render", "lora_args", "cli_loratools", "cli", "__main__"),
 ]
