@@ -165,7 +165,7 @@ def _build(plan: Plan, lora: LoraFile, data: dict[str, torch.Tensor], result: Co
             name = out.stem[len(out.prefix):]
             config.setdefault(out.prefix, {})[name] = (rank, alpha if alpha is not None else scale * rank)
         elif scale != 1.0:  # fold: no alpha anywhere
-            parts["up"] = (parts["up"].double() * scale).to(parts["up"].dtype)
+            parts["up"] = scaled(parts["up"], scale)
             result.folded.append(out.stem)
         for part, value in parts.items():
             name = flavour.part_as.get(part, part)
@@ -185,6 +185,15 @@ def _build(plan: Plan, lora: LoraFile, data: dict[str, torch.Tensor], result: Co
 
 def _scale(module) -> float:
     return module.scale if module.scale is not None else 1.0
+
+
+def scaled(t: torch.Tensor, factor: float) -> torch.Tensor:
+    """`t`·factor in t's dtype when that is exact, else in fp32 (fp16 subnormals lose bits even when halved)."""
+    exact = t.double() * factor
+    out = exact.to(t.dtype)
+    if torch.equal(out.double(), exact) or t.dtype in (torch.float32, torch.float64):
+        return out
+    return exact.to(torch.float32)
 
 
 def _magnitude_as(value: torch.Tensor, name: str, lora: LoraFile, module) -> torch.Tensor:
@@ -208,7 +217,7 @@ def _regroup_lora(out: OutModule, lora: LoraFile, data, result: ConvertResult):
         rank = down.shape[0]
         band = up.reshape(up.shape[0], rank)[s.start : s.stop]
         if _scale(m) != scale0:
-            band = (band.double() * (_scale(m) / scale0)).to(band.dtype)
+            band = scaled(band, _scale(m) / scale0)
             result.folded.append(out.stem)
         ups.append((s.at, band))
         downs.append(down)

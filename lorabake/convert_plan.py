@@ -317,7 +317,7 @@ def _check_parts(lora: LoraFile, module: LoraModule, flavour: Flavour) -> None:
 def _check_outputs(plan: Plan, lora: LoraFile) -> None:
     for out in plan.outputs.values():
         spans = sorted((s.at, s.at + s.stop - s.start, s.stem) for s in out.sources)
-        for (a0, a1, s0), (b0, _b1, s1) in zip(spans, spans[1:]):
+        for (_a0, a1, s0), (b0, _b1, s1) in zip(spans, spans[1:]):
             if b0 < a1:
                 raise LoraFormatError(f"modules {s0!r} and {s1!r} both give rows {b0}..{min(a1, _b1)} of {out.stem!r}",
                                       path=lora.path, hint="the file holds the same layer twice under two names")

@@ -1,0 +1,153 @@
+"""`lorabake convert`: every pair of flavours round-trips to a LoRA that bakes like the original.
+
+The bakes are `lorabake merge` into real-shaped bases (real names and shapes from tests/data/arch, random
+values): SD1 and SDXL UNet blocks, and FLUX.1's fused qkv / linear1 / final-layer modulation, whose
+diffusers names are row bands (split on the way to diffusers, fused on the way back). A bake is
+compared tensor by tensor with the bake of the original file. Pure renames keep the factors' bytes, so
+their bakes are bit-equal; a split or a fusion changes the GEMM's shape (same products, zeros added), so
+those are compared within fp32 rounding of the sums (rtol 1e-6).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from lorabake import convert, ops
+from lorabake.errors import LoraFormatError
+from lorabake.plan import LoraSpec
+from tests.archfix import build_checkpoint
+from tests.cli_helpers import run_main
+from tests.lorafix import make_lora
+
+FLAVOURS = ("kohya", "comfyui", "diffusers", "peft", "aitoolkit")
+U = "model.diffusion_model."
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# (family, base tensors, original LoRA modules (stem, out, in[, kernel], rank, alpha), metadata)
+# Ranks and alphas vary per module (PEFT then needs rank_pattern/alpha_pattern); every alpha/rank is a
+# power of two, so folding it into up (ai-toolkit) is exact too.
+SD1_BLOCK = U + "input_blocks.1.1."
+CASES = {
+    # kohya sd-scripts SD1: UNet modules by their diffusers path
+    "sd1": (
+        [SD1_BLOCK + "proj_in.weight", SD1_BLOCK + "transformer_blocks.0.attn1.to_q.weight",
+         SD1_BLOCK + "transformer_blocks.0.attn2.to_k.weight", SD1_BLOCK + "transformer_blocks.0.ff.net.0.proj.weight",
+         U + "input_blocks.1.0.in_layers.2.weight"],
+        [("lora_unet_down_blocks_0_attentions_0_proj_in", 320, 320, 1, 4, 2.0),
+         ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", 320, 320, None, 8, 16.0),
+         ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", 320, 768, None, 4, 4.0),
+         ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_0_proj", 2560, 320, None, 4, 2.0),
+         ("lora_unet_down_blocks_0_resnets_0_conv1", 320, 320, 3, 2, 1.0)],
+        {"ss_base_model_version": "sd_v1"},
+    ),
+    # kohya sdxl_train_network.py: the SGM UNet's own names
+    "sdxl": (
+        [U + "input_blocks.4.1.proj_in.weight", U + "input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight",
+         U + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight", U + "input_blocks.4.0.in_layers.2.weight"],
+        [("lora_unet_input_blocks_4_1_proj_in", 640, 640, None, 4, 2.0),
+         ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q", 640, 640, None, 8, 4.0),
+         ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k", 640, 2048, None, 4, 8.0),
+         ("lora_unet_input_blocks_4_0_in_layers_2", 640, 320, 3, 4, 4.0)],
+        {"ss_base_model_version": "sdxl_base_v1-0"},
+    ),
+    # kohya sd-scripts networks/lora_flux.py: BFL names, fused qkv and linear1, the final layer's
+    # shift ‖ scale (diffusers' norm_out.linear is scale ‖ shift)
+    "flux": (
+        [U + "double_blocks.0.img_attn.qkv.weight", U + "single_blocks.0.linear1.weight",
+         U + "final_layer.adaLN_modulation.1.weight", U + "img_in.weight"],
+        [("lora_unet_double_blocks_0_img_attn_qkv", 9216, 3072, None, 4, 2.0),
+         ("lora_unet_single_blocks_0_linear1", 21504, 3072, None, 2, 4.0),
+         ("lora_unet_final_layer_adaLN_modulation_1", 6144, 3072, None, 4, 4.0),
+         ("lora_unet_img_in", 3072, 64, None, 8, 8.0)],
+        {"ss_base_model_version": "flux1"},
+    ),
+}
+
+
+def _lora(modules, seed: int) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for i, (stem, n_out, n_in, kernel, rank, alpha) in enumerate(modules):
+        spec = (stem, n_out, n_in) + ((kernel,) if kernel else ())
+        out.update(make_lora([spec], rank=rank, alpha=alpha, conv3x3=True, seed=seed + i, dtype=torch.float16))
+    return out
+
+
+@pytest.fixture(scope="module")
+def family_files(tmp_path_factory):
+    """family -> (folder, base path, original LoRA path, cache of bakes by LoRA content)."""
+    made = {}
+    for arch, (keys, modules, meta) in CASES.items():
+        folder = tmp_path_factory.mktemp(f"convert-{arch}")
+        base = str(folder / "base.safetensors")
+        build_checkpoint(base, arch, keys, float_dtype=torch.float16 if arch == "flux" else torch.float32)
+        lora = str(folder / "original.safetensors")
+        save_file(_lora(modules, seed=7), lora, metadata=meta)
+        made[arch] = (folder, base, lora, {})
+    return made
+
+
+def _content(path: str) -> str:
+    """What decides a bake: tensor names and bytes, and the PEFT config."""
+    sha = hashlib.sha256()
+    with safe_open(path, "pt") as f:
+        for key in sorted(f.keys()):
+            sha.update(key.encode() + f.get_tensor(key).numpy().tobytes())
+        sha.update((f.metadata() or {}).get("lora_adapter_metadata", "").encode())
+    return sha.hexdigest()
+
+
+def bake(files, lora: str) -> dict[str, torch.Tensor]:
+    folder, base, _, cache = files
+    key = _content(lora)
+    if key not in cache:
+        out = str(folder / f"baked-{key[:12]}.safetensors")
+        ops.merge(ops.MergeOptions(base=base, loras=(LoraSpec(lora),), output=out, device="cpu", force=True))
+        cache[key] = load_file(out)
+        os.unlink(out)
+    return cache[key]
+
+
+def to(src: str, flavour: str, out: str, **kw) -> convert.ConvertResult:
+    return convert.run(convert.ConvertOptions(lora=src, output=out, to=flavour, force=True, **kw))
+
+
+def assert_bakes_alike(got: dict, want: dict, *, exact: bool) -> None:
+    assert got.keys() == want.keys()
+    for key in want:
+        if exact:
+            assert torch.equal(got[key], want[key]), key
+        else:
+            torch.testing.assert_close(got[key].float(), want[key].float(), rtol=1e-6, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("arch", list(CASES))
+@pytest.mark.parametrize("first", FLAVOURS)
+def test_round_trip_bakes_like_the_original(family_files, arch, first):
+    files = family_files[arch]
+    folder, base, original, _ = files
+    reference = bake(files, original)
+    assert any(not torch.equal(reference[k], v) for k, v in load_file(base).items())  # the LoRA changes the base
+    mid = str(folder / f"{first}.safetensors")
+    res = to(original, first, mid)
+    split = "split" in res.counts
+    assert_bakes_alike(bake(files, mid), reference, exact=not split)
+    for second in FLAVOURS:
+        last = str(folder / f"{first}-{second}.safetensors")
+        back = to(mid, second, last)
+        assert back.architecture == arch
+        assert_bakes_alike(bake(files, last), reference, exact=not (split or "split" in back.counts))
