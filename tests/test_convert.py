@@ -68,10 +68,10 @@ CASES = {
     # kohya sd-scripts networks/lora_flux.py: BFL names, fused qkv and linear1, the final layer's
     # shift ‖ scale (diffusers' norm_out.linear is scale ‖ shift)
     "flux": (
-        [U + "double_blocks.0.img_attn.qkv.weight", U + "single_blocks.0.linear1.weight",
-         U + "final_layer.adaLN_modulation.1.weight", U + "img_in.weight"],
+        # (single_blocks.N.linear1, q ‖ k ‖ v ‖ mlp, is 132 MB in fp16: its four bands are checked without a
+        # bake in test_fused_linear1_splits_in_its_four_bands_and_back, and baked on a tiny FLUX.1 below)
+        [U + "double_blocks.0.img_attn.qkv.weight", U + "final_layer.adaLN_modulation.1.weight", U + "img_in.weight"],
         [("lora_unet_double_blocks_0_img_attn_qkv", 9216, 3072, None, 4, 2.0),
-         ("lora_unet_single_blocks_0_linear1", 21504, 3072, None, 2, 4.0),
          ("lora_unet_final_layer_adaLN_modulation_1", 6144, 3072, None, 4, 4.0),
          ("lora_unet_img_in", 3072, 64, None, 8, 8.0)],
         {"ss_base_model_version": "flux1"},
@@ -151,3 +151,43 @@ def test_round_trip_bakes_like_the_original(family_files, arch, first):
         back = to(mid, second, last)
         assert back.architecture == arch
         assert_bakes_alike(bake(files, last), reference, exact=not (split or "split" in back.counts))
+
+
+# --- fused <-> split, byte for byte -------------------------------------------------------------------
+
+FLUX_LINEAR1 = [("lora_unet_single_blocks_3_linear1", 21504, 3072, None, 8, 4.0)]
+# FLUX.1's linear1 rows: q, k, v (3072 each), then the MLP input (12288): not equal quarters
+BANDS = {"attn.to_q": (0, 3072), "attn.to_k": (3072, 6144), "attn.to_v": (6144, 9216), "proj_mlp": (9216, 21504)}
+
+
+def test_fused_linear1_splits_in_its_four_bands_and_back(tmp_path):
+    original = _lora(FLUX_LINEAR1, seed=3)
+    src = str(tmp_path / "kohya.safetensors")
+    save_file(original, src, metadata={"ss_base_model_version": "flux1"})
+    up, down = original["lora_unet_single_blocks_3_linear1.lora_up.weight"], original["lora_unet_single_blocks_3_linear1.lora_down.weight"]
+
+    res = to(src, "diffusers", str(tmp_path / "d.safetensors"))
+    split = load_file(str(tmp_path / "d.safetensors"))
+    assert res.counts == {"split": 4}
+    for name, (start, stop) in BANDS.items():
+        stem = f"transformer.single_transformer_blocks.3.{name}"
+        assert torch.equal(split[stem + ".lora_A.weight"], down)  # the same down: rank 8 intact
+        assert torch.equal(split[stem + ".lora_B.weight"], up[start:stop])
+    with safe_open(str(tmp_path / "d.safetensors"), "pt") as f:
+        config = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert (config["transformer.r"], config["transformer.lora_alpha"]) == (8, 4)
+
+    # and fused back: downs stacked, ups block-diagonal (rank 4 x 8), alpha/rank kept
+    res = to(str(tmp_path / "d.safetensors"), "kohya", str(tmp_path / "k.safetensors"))
+    fused = load_file(str(tmp_path / "k.safetensors"))
+    assert res.counts == {"fused": 1}
+    stem = "lora_unet_single_blocks_3_linear1"
+    f_up, f_down, f_alpha = fused[stem + ".lora_up.weight"], fused[stem + ".lora_down.weight"], fused[stem + ".alpha"]
+    assert f_up.shape == (21504, 32) and f_down.shape == (32, 3072) and float(f_alpha) / 32 == 4.0 / 8
+    order = sorted(BANDS, key=lambda n: f"transformer.single_transformer_blocks.3.{n}")  # input order: by name
+    expected_up = torch.zeros(21504, 32, dtype=up.dtype)
+    for i, name in enumerate(order):
+        start, stop = BANDS[name]
+        expected_up[start:stop, 8 * i : 8 * i + 8] = up[start:stop]
+        assert torch.equal(f_down[8 * i : 8 * i + 8], down)
+    assert torch.equal(f_up, expected_up)
