@@ -1,0 +1,159 @@
+"""Converted files in the loaders that are not ours: diffusers' `load_lora_weights` + `fuse_lora`, and PEFT.
+
+Each case makes a LoRA the way a trainer writes it (kohya names, one file-wide alpha as kohya writes it,
+ranks varying per module), converts it with `lorabake convert --like BASE` (BASE: a tiny model of the
+family's real block structure, written as the single-file checkpoint users have, see test_crosscheck),
+loads the converted file into the model with the independent loader, fuses it at strength 0.7, and
+compares every weight with `lorabake merge` of the *original* file at 0.7 into the checkpoint. So names,
+alpha (in `lora_adapter_metadata` or folded) and the fused-qkv split are judged by diffusers and PEFT.
+Only the diffusion model is loaded: diffusers loads text-encoder LoRAs into the installed transformers'
+CLIPTextModel, whose module names lack `text_model.` from transformers 5 on (see test_crosscheck).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from lorabake import convert
+from tests.test_crosscheck import (
+    SDXL_CONFIG,
+    UNET,
+    _need_reference_libraries,
+    assert_same_weights,
+    bfl_layout,
+    clone,
+    kohya_pair,
+    ldm_unet_names,
+    lora_modules,
+    merge,
+    peft_merged_state_dict,
+    tiny_flux,
+    tiny_sdxl_unet,
+    to_bfl,
+)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _convert(src, flavour: str, out, like) -> convert.ConvertResult:
+    return convert.run(convert.ConvertOptions(lora=str(src), output=str(out), to=flavour, like=str(like), force=True))
+
+
+# --- SDXL: kohya SGM names -> diffusers (diffusers' loader) and PEFT (peft's set_peft_model_state_dict) -----
+
+
+@pytest.fixture(scope="module")
+def sdxl_case(tmp_path_factory):
+    _need_reference_libraries()
+    folder = tmp_path_factory.mktemp("convert-sdxl-loaders")
+    unet = tiny_sdxl_unet()
+    base = clone(unet.state_dict())
+    to_sgm = ldm_unet_names("sdxl", SDXL_CONFIG)
+    save_file({to_sgm[k]: v for k, v in base.items()}, str(folder / "base.safetensors"))
+    gen = torch.Generator().manual_seed(4)
+    lora = {}
+    modules = lora_modules(unet)
+    for i, (name, weight) in enumerate(modules):  # kohya sdxl_train_network.py: the SGM names, LoCon 3x3 too
+        stem = "lora_unet_" + to_sgm[name + ".weight"][len(UNET) : -len(".weight")].replace(".", "_")
+        lora[stem + ".lora_down.weight"], lora[stem + ".lora_up.weight"] = kohya_pair(weight, (2, 4, 8)[i % 3], gen)
+        lora[stem + ".alpha"] = torch.tensor(3.0)
+    save_file(lora, str(folder / "kohya.safetensors"), metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    merge(folder / "base.safetensors", f"{folder / 'kohya.safetensors'}:0.7", folder / "ours.safetensors")
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    ours = convert_ldm_unet_checkpoint(load_file(str(folder / "ours.safetensors")), SDXL_CONFIG)
+    return folder, base, ours, len(modules)
+
+
+def test_sdxl_diffusers_file_loads_in_diffusers(sdxl_case):
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+    folder, base, ours, n = sdxl_case
+    res = _convert(folder / "kohya.safetensors", "diffusers", folder / "diffusers.safetensors", folder / "base.safetensors")
+    assert res.counts == {"renamed": n}
+    with safe_open(str(folder / "diffusers.safetensors"), "pt") as f:
+        assert all(k.startswith("unet.") and ".lora_" in k for k in f.keys())
+        assert json.loads(f.metadata()["lora_adapter_metadata"])["unet.lora_alpha"] == 3
+    unet = tiny_sdxl_unet()
+    pipe = StableDiffusionXLPipeline(
+        vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=unet,
+        scheduler=DDIMScheduler(), force_zeros_for_empty_prompt=True,
+    )
+    pipe.load_lora_weights(str(folder / "diffusers.safetensors"))
+    pipe.fuse_lora(lora_scale=0.7)
+    pipe.unload_lora_weights()
+    assert len(assert_same_weights(ours, clone(unet.state_dict()), base)) == n
+
+
+def test_sdxl_peft_file_loads_in_peft(sdxl_case):
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    folder, base, ours, n = sdxl_case
+    _convert(folder / "kohya.safetensors", "peft", folder / "peft.safetensors", folder / "base.safetensors")
+    with safe_open(str(folder / "peft.safetensors"), "pt") as f:
+        config = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert config["rank_pattern"]  # ranks 2, 4, 8: the commonest in `r`, the others by pattern
+    model = get_peft_model(tiny_sdxl_unet(), LoraConfig(**{k: v for k, v in config.items() if k != "peft_type"}))
+    loaded = set_peft_model_state_dict(model, load_file(str(folder / "peft.safetensors")))
+    assert not loaded.unexpected_keys
+    assert not [k for k in loaded.missing_keys if "lora_" in k]
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.scale_layer(0.7)
+    reference = {k.removeprefix("base_model.model."): v for k, v in peft_merged_state_dict(model).items()}
+    assert len(assert_same_weights(ours, reference, base)) == n
+
+
+# --- FLUX.1: kohya BFL names (fused qkv, linear1) -> diffusers and ai-toolkit names in diffusers' loader ----
+
+
+@pytest.mark.parametrize("flavour", ["diffusers", "aitoolkit"])
+def test_flux_fused_kohya_lora_split_loads_in_diffusers(tmp_path, flavour):
+    _need_reference_libraries()
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    model = tiny_flux()
+    hidden = model.config.num_attention_heads * model.config.attention_head_dim
+    layout = bfl_layout()
+    base = to_bfl(clone(model.state_dict()), layout, hidden)
+    save_file(base, str(tmp_path / "flux1-bfl.safetensors"))
+    # kohya sd-scripts networks/lora_flux.py: every linear of the blocks, by BFL name; alpha/rank 4/8 = 0.5
+    gen = torch.Generator().manual_seed(6)
+    lora = {}
+    targets = [k for k, v in base.items() if v.dim() == 2 and k.endswith(".weight") and "blocks." in k and "norm" not in k]
+    targets.append("final_layer.adaLN_modulation.1.weight")  # shift ‖ scale: diffusers' norm_out.linear swaps them
+    for key in targets:
+        stem = "lora_unet_" + key[: -len(".weight")].replace(".", "_")
+        lora[stem + ".lora_down.weight"], lora[stem + ".lora_up.weight"] = kohya_pair(base[key], 8, gen)
+        lora[stem + ".alpha"] = torch.tensor(4.0)
+    save_file(lora, str(tmp_path / "kohya.safetensors"), metadata={"ss_base_model_version": "flux1"})
+    res = _convert(tmp_path / "kohya.safetensors", flavour, tmp_path / "out.safetensors", tmp_path / "flux1-bfl.safetensors")
+    assert res.counts["split"] == 2 * 2 * 3 + 2 * 4  # img/txt qkv of 2 double blocks, linear1 of 2 single blocks
+    assert bool(res.folded) == (flavour == "aitoolkit")
+
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None, transformer=model)
+    pipe.load_lora_weights(str(tmp_path / "out.safetensors"))
+    pipe.fuse_lora(lora_scale=0.7)
+    pipe.unload_lora_weights()
+    reference = to_bfl(clone(model.state_dict()), layout, hidden)
+    merge(tmp_path / "flux1-bfl.safetensors", f"{tmp_path / 'kohya.safetensors'}:0.7", tmp_path / "ours.safetensors")
+    changed = assert_same_weights(load_file(str(tmp_path / "ours.safetensors")), reference, base)
+    assert {"double_blocks.1.txt_attn.qkv.weight", "single_blocks.1.linear1.weight",
+            "final_layer.adaLN_modulation.1.weight"} <= changed
+    assert len(changed) == len(targets)
