@@ -191,3 +191,83 @@ def test_fused_linear1_splits_in_its_four_bands_and_back(tmp_path):
         expected_up[start:stop, 8 * i : 8 * i + 8] = up[start:stop]
         assert torch.equal(f_down[8 * i : 8 * i + 8], down)
     assert torch.equal(f_up, expected_up)
+
+
+# --- LyCORIS kept where the flavour carries it, refused by name where it cannot ---------------------------
+
+SDXL_MODULES = [("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q", 640, 640),
+                ("lora_unet_input_blocks_4_1_proj_in", 640, 640),
+                ("lora_unet_input_blocks_4_0_in_layers_2", 640, 320, 3)]
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr", "full", "dora"])
+def test_lycoris_modules_keep_their_tensors_through_kohya_and_comfyui(family_files, algo):
+    files = family_files["sdxl"]
+    folder = files[0]
+    extra = {"dora": True} if algo == "dora" else {}
+    tensors = make_lora(SDXL_MODULES, algo="lora" if algo == "dora" else algo, rank=4, conv3x3=True, seed=11,
+                        bias=False, **extra)
+    src = str(folder / f"{algo}.safetensors")
+    save_file(tensors, src, metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    comfy, back = str(folder / f"{algo}-comfy.safetensors"), str(folder / f"{algo}-back.safetensors")
+    to(src, "comfyui", comfy)
+    to(comfy, "kohya", back)
+    assert load_file(back).keys() == tensors.keys()
+    for key, value in load_file(back).items():
+        assert torch.equal(value, tensors[key]), key  # the same bytes under the same names
+    assert any(k.startswith("diffusion_model.input_blocks.4.1.") for k in load_file(comfy))
+    assert_bakes_alike(bake(files, comfy), bake(files, src), exact=True)
+
+
+def test_dora_goes_to_peft_names_and_back(family_files):
+    files = family_files["sdxl"]
+    folder = files[0]
+    tensors = make_lora(SDXL_MODULES[:2], rank=4, alpha=2.0, dora=True, seed=12)
+    src = str(folder / "dora-kohya.safetensors")
+    save_file(tensors, src, metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    peft_file, back = str(folder / "dora-peft.safetensors"), str(folder / "dora-back.safetensors")
+    to(src, "peft", peft_file)
+    with safe_open(peft_file, "pt") as f:
+        assert json.loads(f.metadata()["lora_adapter_metadata"])["use_dora"] is True
+        assert f.get_tensor("base_model.model.down_blocks.1.attentions.0.proj_in.lora_magnitude_vector").shape == (640,)
+    to(peft_file, "kohya", back)
+    assert_bakes_alike(bake(files, peft_file), bake(files, src), exact=True)
+    assert_bakes_alike(bake(files, back), bake(files, src), exact=True)
+
+
+@pytest.mark.parametrize("algo, flavour", [("loha", "peft"), ("loha", "diffusers"), ("lokr", "aitoolkit"),
+                                           ("full", "diffusers")])
+def test_what_a_flavour_cannot_carry_is_refused_by_name(tmp_path, algo, flavour):
+    src = str(tmp_path / "lyco.safetensors")
+    save_file(make_lora(SDXL_MODULES[:2], algo=algo, rank=4, seed=1), src, metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    out = tmp_path / "out.safetensors"
+    code, _, err = run_main(["convert", src, "--to", flavour, "-o", str(out)])
+    assert code == 1 and not out.exists() and not list(tmp_path.glob(".*lorabake-tmp*"))
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and src in lines[0], err
+    assert "module 'lora_unet_input_blocks_4_1_proj_in'" in lines[0]  # the first module in the file
+    assert f"which {flavour} files cannot carry" in lines[0]
+
+
+def test_loha_on_a_band_of_a_fused_weight_cannot_be_fused_and_says_so(tmp_path):
+    # LyCORIS LoHa trained on diffusers' FLUX.1 (separate to_q/to_k/to_v): kohya names the fused qkv only
+    src = str(tmp_path / "loha-flux.safetensors")
+    mods = [(f"transformer.transformer_blocks.0.attn.to_{p}", 3072, 3072) for p in "qkv"]
+    save_file(make_lora(mods, algo="loha", rank=4, seed=1), src, metadata={"ss_base_model_version": "flux1"})
+    with pytest.raises(LoraFormatError, match="is LoHa; in kohya names it would have to be fused with other modules"):
+        to(src, "kohya", str(tmp_path / "k.safetensors"))
+    assert not (tmp_path / "k.safetensors").exists()
+
+
+def test_text_encoder_modules_have_no_peft_home(tmp_path):
+    src = str(tmp_path / "te.safetensors")
+    mods = [("lora_unet_down_blocks_0_attentions_0_proj_in", 320, 320, 1),
+            ("lora_te_text_model_encoder_layers_0_self_attn_q_proj", 768, 768)]
+    save_file(make_lora(mods, rank=4, seed=2), src, metadata={"ss_base_model_version": "sd_v1"})
+    with pytest.raises(LoraFormatError, match="te1 component, which peft files do not hold"):
+        to(src, "peft", str(tmp_path / "p.safetensors"))
+    res = to(src, "diffusers", str(tmp_path / "d.safetensors"))  # diffusers files hold it: text_encoder.
+    assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight" in load_file(str(tmp_path / "d.safetensors"))
+    assert res.counts == {"renamed": 2}
+    res = to(str(tmp_path / "d.safetensors"), "comfyui", str(tmp_path / "c.safetensors"))
+    assert "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.lora_down.weight" in load_file(str(tmp_path / "c.safetensors"))
