@@ -271,3 +271,45 @@ def test_text_encoder_modules_have_no_peft_home(tmp_path):
     assert res.counts == {"renamed": 2}
     res = to(str(tmp_path / "d.safetensors"), "comfyui", str(tmp_path / "c.safetensors"))
     assert "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.lora_down.weight" in load_file(str(tmp_path / "c.safetensors"))
+
+
+# --- metadata, the command line, the output's safety ------------------------------------------------------
+
+
+def test_output_metadata_names_input_hash_and_flavour(family_files, tmp_path):
+    from lorabake.provenance import file_sha256
+
+    _, _, original, _ = family_files["sdxl"]
+    out = str(tmp_path / "d.safetensors")
+    code, stdout, err = run_main(["convert", original, "--to", "diffusers", "-o", out, "--json"])
+    assert code == 0, err
+    doc = json.loads(stdout)
+    assert doc["counts"] == {"renamed": 4} and doc["architecture"] == "sdxl"
+    with safe_open(out, "pt") as f:
+        meta = f.metadata()
+    prov = json.loads(meta["lorabake.convert"])
+    assert prov["input"] == {"file": "original.safetensors", "data_sha256": file_sha256(original, data_only=True)}
+    assert prov["to"] == "diffusers" and prov["alpha"] == "lora_adapter_metadata"
+    assert meta["sshs_model_hash"] == file_sha256(out, data_only=True) == doc["data_sha256"]
+    assert meta["modelspec.hash_sha256"] == "0x" + meta["sshs_model_hash"]
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"  # the input's, kept
+    assert meta["modelspec.architecture"].endswith("/lora")
+
+
+def test_existing_output_needs_force_and_stays_untouched(family_files, tmp_path):
+    _, _, original, _ = family_files["sd1"]
+    out = tmp_path / "taken.safetensors"
+    out.write_bytes(b"keep me")
+    code, _, err = run_main(["convert", original, "--to", "comfyui", "-o", str(out)])
+    assert code == 1 and out.read_bytes() == b"keep me" and err.startswith("Error: ")
+    code, stdout, err = run_main(["convert", original, "--to", "comfyui", "-o", str(out), "--force"])
+    assert code == 0 and "5 renamed" in stdout
+    assert all(k.startswith("diffusion_model.input_blocks.1.") for k in load_file(str(out)))
+
+
+def test_like_base_of_another_family_is_refused_by_module(family_files, tmp_path):
+    _, sd1_base, _, _ = family_files["sd1"]
+    _, _, sdxl_lora, _ = family_files["sdxl"]
+    code, _, err = run_main(["convert", sdxl_lora, "--to", "kohya", "--like", sd1_base, "-o", str(tmp_path / "x.safetensors")])
+    assert code == 1 and "matches no module of the base" in err and "(sd1)" in err
+    assert not (tmp_path / "x.safetensors").exists()
