@@ -157,3 +157,48 @@ def test_flux_fused_kohya_lora_split_loads_in_diffusers(tmp_path, flavour):
     assert {"double_blocks.1.txt_attn.qkv.weight", "single_blocks.1.linear1.weight",
             "final_layer.adaLN_modulation.1.weight"} <= changed
     assert len(changed) == len(targets)
+
+
+# --- Qwen-Image: a diffusers-trained LoRA (alpha in lora_adapter_metadata) to ComfyUI names ---------------
+
+
+def test_qwen_image_diffusers_lora_to_comfyui_names_loads_in_diffusers(tmp_path):
+    _need_reference_libraries()
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from tests.famfix import FAMILIES as KEYLISTS
+    from tests.test_crosscheck import randomize_lora_b
+
+    fam = KEYLISTS["qwen-image"]
+    model = fam.model()
+    base = clone(model.state_dict())
+    save_file(base, str(tmp_path / "qwen-image.safetensors"))  # Qwen's own single file: diffusers names, no prefix
+    # diffusers' train_dreambooth_lora_qwen_image.py: PEFT on the attention, MLP and modulation linears, alpha != r
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
+                        target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                                        "to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
+                                        "txt_mlp.net.2", "img_mod.1", "txt_mod.1"])
+    model.add_adapter(config)
+    randomize_lora_b(model, seed=9)
+    QwenImagePipeline.save_lora_weights(str(tmp_path / "peft"), transformer_lora_layers=get_peft_model_state_dict(model),
+                                        transformer_lora_adapter_metadata=config.to_dict())
+    original = tmp_path / "peft" / "pytorch_lora_weights.safetensors"
+
+    comfy = tmp_path / "comfy.safetensors"
+    res = _convert(original, "comfyui", comfy, tmp_path / "qwen-image.safetensors")
+    assert res.architecture == "qwen-image" and res.counts == {"renamed": 2 * 14}
+    names = list(load_file(str(comfy)))
+    assert "diffusion_model.transformer_blocks.1.attn.add_k_proj.lora_down.weight" in names
+    assert all(n.startswith("diffusion_model.transformer_blocks.") for n in names)
+    assert float(load_file(str(comfy))["diffusion_model.transformer_blocks.0.attn.to_q.alpha"]) == 8.0
+
+    fresh = fam.model()
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
+                             transformer=fresh)
+    pipe.load_lora_weights(str(comfy))  # diffusers' own reader of ComfyUI/kohya Qwen-Image names
+    pipe.fuse_lora(lora_scale=0.7)
+    pipe.unload_lora_weights()
+    merge(tmp_path / "qwen-image.safetensors", f"{original}:0.7", tmp_path / "ours.safetensors")
+    changed = assert_same_weights(load_file(str(tmp_path / "ours.safetensors")), clone(fresh.state_dict()), base)
+    assert len(changed) == 2 * 14
