@@ -135,10 +135,11 @@ class Plan:
 
 
 class _Piece:
-    __slots__ = ("key", "start", "length", "at", "transform")
+    __slots__ = ("key", "start", "length", "at", "transform", "spread")
 
-    def __init__(self, key: str, start: int, length: int, at: int, transform: str | None) -> None:
+    def __init__(self, key: str, start: int, length: int, at: int, transform: str | None, spread: bool = False) -> None:
         self.key, self.start, self.length, self.at, self.transform = key, start, length, at, transform
+        self.spread = spread  # one of several weights a fused module spans
 
 
 def pieces(keymap: KeyMap, stem: str, header: Mapping[str, TensorInfo]) -> list[_Piece]:
@@ -149,7 +150,7 @@ def pieces(keymap: KeyMap, stem: str, header: Mapping[str, TensorInfo]) -> list[
         rows = header[t.key].shape[0] if header[t.key].shape else 1
         start, length = (t.slice.start, t.slice.length) if t.slice is not None else (0, rows)
         delta = getattr(t, "delta_rows", None)  # a fused module spread over separate weights
-        found.append(_Piece(t.key, start, length, delta.start if delta is not None else 0, t.transform))
+        found.append(_Piece(t.key, start, length, delta.start if delta is not None else 0, t.transform, len(targets) > 1))
     return found
 
 
@@ -238,17 +239,15 @@ def make_plan(
             raise LoraFormatError(f"module {stem!r} is for the {component} component, which {flavour.name} files do not hold",
                                   path=lora.path, tensor=_first(module),
                                   hint="PEFT files hold one model: convert to diffusers to keep text-encoder modules")
+        outs: set[str] = set()
         for p in own:
-            cands = [c for c in index.get(p.key, ()) if c[3] == want[0] and c[2] == want[1]]
-            fallback = not cands
-            if fallback:  # the naming has no name for this weight: the checkpoint's own, under the same prefix
-                cands = [c for c in index.get(p.key, ()) if c[3] == want[0] and c[2] == native.get(component)]
-            chosen = _cover(cands, p)
+            chosen, fallback = _choose(index.get(p.key, ()), p, want, native.get(component))
             if chosen is None:
                 raise LoraFormatError(
                     f"module {stem!r}: rows {p.start}..{p.start + p.length} of {p.key} have no {flavour.name} name "
                     f"under prefix {want[0]!r}", path=lora.path, tensor=_first(module))
             for out_stem, q in chosen:
+                outs.add(out_stem)
                 lo, hi = max(p.start, q.start), min(p.start + p.length, q.start + q.length)
                 out = plan.outputs.get(out_stem)
                 if out is None:
@@ -257,8 +256,8 @@ def make_plan(
                 out.sources.append(Source(stem, p.at + lo - p.start, p.at + hi - p.start, q.at + lo - q.start))
                 if p.transform != q.transform:
                     out.transform = _combine(p.transform, q.transform, lora, module)
-            if len(chosen) > 1 or chosen[0][1].length < p.length:
-                plan.split.add(stem)
+        if len(outs) > 1:  # its ΔW rows cut over several output modules
+            plan.split.add(stem)
     _check_outputs(plan, lora)
     return plan
 
@@ -279,10 +278,24 @@ def _check_fit(lora: LoraFile, module: LoraModule, own: list[_Piece], tensors: M
             path=lora.path, tensor=_first(module), hint="give --like BASE, the checkpoint the LoRA was trained for")
 
 
+def _choose(cands, p: _Piece, want: tuple[str, str], native: str | None):
+    """(output pieces, whether not in the wanted naming): the wanted naming's names, else the checkpoint's
+    own, else any name under the prefix (a stem two namings spell alike is listed under one of them)."""
+    under = [c for c in cands if c[3] == want[0]]
+    for i, naming in enumerate((want[1], native, None)):
+        tier = [c for c in under if naming is None or c[2] == naming]
+        chosen = _cover(tier, p) if tier else None
+        if chosen is not None:
+            return chosen, i > 0 and naming != want[1]
+    return None, False
+
+
 def _cover(cands: list[tuple[str, _Piece, str | None, str]], p: _Piece) -> list[tuple[str, _Piece]] | None:
     """The output pieces for input piece `p`: the one with its rows, else those tiling them, else one holding them."""
     end = p.start + p.length
-    same = [(s, q) for s, q, _, _ in cands if (q.start, q.length) == (p.start, p.length)]
+    # the same rows; a module of its own before a band of a fused module spread over several weights
+    same = sorted(((s, q) for s, q, _, _ in cands if (q.start, q.length) == (p.start, p.length)),
+                  key=lambda sq: sq[1].spread)
     if same:
         return same[:1]
     inside = sorted(((s, q) for s, q, _, _ in cands if q.start >= p.start and q.start + q.length <= end),

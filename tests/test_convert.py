@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lorabake import convert, ops
+from lorabake.arch import FAMILIES
 from lorabake.errors import LoraFormatError
 from lorabake.plan import LoraSpec
 from tests.archfix import build_checkpoint
@@ -313,3 +314,78 @@ def test_like_base_of_another_family_is_refused_by_module(family_files, tmp_path
     code, _, err = run_main(["convert", sdxl_lora, "--to", "kohya", "--like", sd1_base, "-o", str(tmp_path / "x.safetensors")])
     assert code == 1 and "matches no module of the base" in err and "(sd1)" in err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+# --- every family of the registry: to each flavour and back, ΔW unchanged -----------------------------------
+
+
+def _family_lora(family, count: int = 10) -> tuple[dict[str, torch.Tensor], dict]:
+    """Rank-2 kohya-named modules on `count` weights of the family's diffusion model, spread over its
+    blocks (the names its trainers write, from the family's rule table), real shapes."""
+    from lorabake.detect import detect_checkpoint
+    from lorabake.keymap import build_keymap
+    from lorabake.lora_base import virtual_checkpoint
+
+    header = virtual_checkpoint(family)
+    keymap = build_keymap(header, detect_checkpoint(header))
+    keys = [k for k, stems in keymap.kohya_names.items()
+            if len(header[k].shape) == 2 and keymap.targets[stems[0]].component == family.diffusion]
+    gen = torch.Generator().manual_seed(len(keys))
+    tensors: dict[str, torch.Tensor] = {}
+    for key in keys[:: max(1, len(keys) // count)][:count]:
+        for stem in keymap.kohya_names[key]:
+            target = keymap.targets[stem]
+            rows = target.slice.length if target.slice else header[key].shape[0]
+            tensors[stem + ".lora_down.weight"] = torch.randn(2, header[key].shape[1], generator=gen)
+            tensors[stem + ".lora_up.weight"] = torch.randn(rows, 2, generator=gen)
+            tensors[stem + ".alpha"] = torch.tensor(1.0)
+    return tensors, {"ss_base_model_version": family.kohya, "modelspec.architecture": family.modelspec + "/lora"}
+
+
+def _products(tensors: dict[str, torch.Tensor], probe: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """stem -> scale·ΔW·P for a random probe P (ΔW·P equal for every P ⇔ ΔW equal), without forming ΔW."""
+    out = {}
+    for key, down in tensors.items():
+        if key.endswith(".lora_down.weight"):
+            stem = key[: -len(".lora_down.weight")]
+            up, alpha = tensors[stem + ".lora_up.weight"], tensors.get(stem + ".alpha")
+            scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
+            out[stem] = scale * (up.double() @ (down.double() @ probe[down.shape[1]]))
+    return out
+
+
+@pytest.mark.parametrize("arch", sorted(FAMILIES))
+def test_every_family_converts_to_each_flavour_and_back(tmp_path, arch):
+    family = FAMILIES[arch]
+    if not family.structures:
+        pytest.skip("no declared structure to take names from")
+    tensors, meta = _family_lora(family)
+    src = str(tmp_path / "original.safetensors")
+    save_file(tensors, src, metadata=meta)
+    probe = {n: torch.randn(n, 3, dtype=torch.float64) for n in {t.shape[1] for k, t in tensors.items() if k.endswith(".lora_down.weight")}}
+    want = _products(tensors, probe)
+    for flavour in FLAVOURS:
+        there, back = str(tmp_path / f"{flavour}.safetensors"), str(tmp_path / f"{flavour}-back.safetensors")
+        to(src, flavour, there)
+        to(there, "kohya", back)
+        got = _products(load_file(back), probe)
+        assert got.keys() == want.keys(), flavour
+        for stem in want:
+            torch.testing.assert_close(got[stem], want[stem], rtol=1e-9, atol=1e-12, msg=f"{flavour}: {stem}")
+
+
+def test_gqa_fused_qkv_splits_by_the_weights_rows_not_thirds(tmp_path):
+    # SimpleTuner/LyCORIS train Krea 2's attention as one `attn.to_qkv` (ComfyUI comfy/lora_convert.py splits
+    # it); the checkpoint stores wq [6144, 6144], wk and wv [1536, 6144] (grouped-query attention)
+    src = str(tmp_path / "qkv.safetensors")
+    stem = "transformer.transformer_blocks.0.attn.to_qkv"
+    original = make_lora([(stem, 6144 + 2 * 1536, 6144)], naming="peft", rank=4, alpha=2.0, seed=5)
+    save_file(original, src, metadata={"modelspec.architecture": FAMILIES["krea2"].modelspec + "/lora"})
+    res = to(src, "kohya", str(tmp_path / "k.safetensors"))
+    assert res.architecture == "krea2" and res.counts == {"split": 3}
+    split = load_file(str(tmp_path / "k.safetensors"))
+    up, down = original[stem + ".lora_B.weight"], original[stem + ".lora_A.weight"]
+    for name, (start, stop) in {"wq": (0, 6144), "wk": (6144, 7680), "wv": (7680, 9216)}.items():
+        assert torch.equal(split[f"lora_unet_blocks_0_attn_{name}.lora_up.weight"], up[start:stop])
+        assert torch.equal(split[f"lora_unet_blocks_0_attn_{name}.lora_down.weight"], down)
+        assert float(split[f"lora_unet_blocks_0_attn_{name}.alpha"]) == 2.0
