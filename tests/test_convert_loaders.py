@@ -202,3 +202,34 @@ def test_qwen_image_diffusers_lora_to_comfyui_names_loads_in_diffusers(tmp_path)
     merge(tmp_path / "qwen-image.safetensors", f"{original}:0.7", tmp_path / "ours.safetensors")
     changed = assert_same_weights(load_file(str(tmp_path / "ours.safetensors")), clone(fresh.state_dict()), base)
     assert len(changed) == 2 * 14
+
+
+# --- Wan: a musubi-tuner LoRA (lora_unet_ + Wan-AI names, alpha) to diffusers names ------------------------
+
+
+def test_musubi_wan_lora_to_diffusers_names_loads_in_diffusers(tmp_path):
+    _need_reference_libraries()
+    from diffusers.loaders import WanLoraLoaderMixin
+
+    from tests.test_family_wan import _base, _bake, _wan_lora
+    from tests.videofam import build_model, to_native
+    from tests.videolora import assert_close, write
+
+    variant, native, base_path = _base(tmp_path, "wan21-i2v-14b", "")
+    lora = _wan_lora(native, alpha=8.0)  # rank 4, alpha 8 in the blocks; none outside them
+    musubi = write("musubi", lora)
+    assert "lora_unet_blocks_0_cross_attn_k_img.alpha" in musubi
+    ours = _bake(tmp_path, base_path, musubi, "", name="musubi")  # also saves musubi.safetensors
+    res = _convert(tmp_path / "musubi.safetensors", "diffusers", tmp_path / "diffusers.safetensors", base_path)
+    assert res.architecture == "wan" and res.counts == {"renamed": len(lora)}
+    names = load_file(str(tmp_path / "diffusers.safetensors"))
+    assert "transformer.blocks.0.attn2.add_k_proj.lora_A.weight" in names  # Wan-AI cross_attn.k_img
+
+    state, metadata = WanLoraLoaderMixin.lora_state_dict(str(tmp_path / "diffusers.safetensors"), return_lora_metadata=True)
+    assert metadata["transformer.lora_alpha"] == 8 and metadata["transformer.alpha_pattern"]  # no alpha outside blocks
+    model = build_model(variant, tiny=True)
+    model.load_lora_adapter(state, prefix="transformer", metadata=metadata, adapter_name="converted")
+    model.fuse_lora(lora_scale=0.7)
+    model.unload_lora()
+    reference = to_native(variant, {k: v.detach() for k, v in model.state_dict().items()})
+    assert assert_close(ours, reference, native) == {m + ".weight" for m in lora}
