@@ -33,11 +33,10 @@ from lorabake.types import TEXT_ENCODERS, LoraModule
 
 # part -> suffix, for the parts a flavour can carry (LoRA factors in the flavour's own spelling; the
 # LyCORIS parts, which only kohya-style names carry, in their one spelling)
-_LYCORIS_PARTS = {
-    row.part: row.text
-    for row in adapters.SUFFIXES
-    if row.spelling is None and row.part not in ("up", "down", "mid", "alpha", "scale", "dora_scale", "magnitude")
-}
+_LYCORIS_PARTS: dict[str, str] = {}
+for _row in adapters.SUFFIXES:  # the first spelling of a part is its canonical one (`.diff`, not `.diff_m`)
+    if _row.spelling is None and _row.part not in ("up", "down", "mid", "alpha", "scale", "dora_scale", "magnitude"):
+        _LYCORIS_PARTS.setdefault(_row.part, _row.text)
 KOHYA_SUFFIXES: dict[str, str] = {
     "up": ".lora_up.weight", "down": ".lora_down.weight", "mid": ".lora_mid.weight",
     "alpha": ".alpha", "scale": ".scale", "dora_scale": ".dora_scale", "ia3_weight": ".weight",

@@ -211,7 +211,7 @@ def test_musubi_wan_lora_to_diffusers_names_loads_in_diffusers(tmp_path):
     _need_reference_libraries()
     from diffusers.loaders import WanLoraLoaderMixin
 
-    from tests.test_family_wan import _base, _bake, _wan_lora
+    from tests.test_family_wan import _bake, _base, _wan_lora
     from tests.videofam import build_model, to_native
     from tests.videolora import assert_close, write
 
