@@ -55,7 +55,7 @@ class ConvertResult:
     options: ConvertOptions
     architecture: str = "unknown"
     reference: str = ""
-    counts: dict[str, int] = field(default_factory=dict)  # renamed / split / fused / native names
+    counts: dict[str, int] = field(default_factory=dict)  # renamed / split / fused; "other naming": names not in the flavour's naming
     folded: list[str] = field(default_factory=list)  # output modules with a scale folded into up
     modules: list[dict] = field(default_factory=list)
     output: str | None = None
@@ -142,7 +142,7 @@ def _build(plan: Plan, lora: LoraFile, data: dict[str, torch.Tensor], result: Co
         first = sources[0]
         action = "split" if out.action == "renamed" and first.stem in plan.split else out.action
         counts[action] += 1
-        counts["native names"] += out.native
+        counts["other naming"] += out.native
         if action == "renamed" and out.transform is None:
             parts = {p: data[k] for p, k in first.parts.items()}
             rank, scale, alpha_tensor = first.rank, _scale(first), parts.pop("alpha", None)

@@ -218,6 +218,8 @@ def make_plan(
         raise LoraFormatError("tensor belongs to no LoRA module, so it has no name in the output",
                               path=lora.path, tensor=lora.unknown_keys[0])
     native = native_namings(info)
+    family = FAMILIES.get(info.arch)
+    layouts = tuple(dict.fromkeys(lay.naming for lay in family.layouts)) if family else ()
     # (base key) -> [(stem, piece, naming, prefix)] of every stem in the table
     index: dict[str, list[tuple[str, _Piece, str | None, str]]] = {}
     for stem, rule in keymap.rules.items():
@@ -240,7 +242,7 @@ def make_plan(
                                   hint="PEFT files hold one model: convert to diffusers to keep text-encoder modules")
         outs: set[str] = set()
         for p in own:
-            chosen, fallback = _choose(index.get(p.key, ()), p, want, native.get(component))
+            chosen, fallback = _choose(index.get(p.key, ()), p, want, native.get(component), layouts)
             if chosen is None:
                 raise LoraFormatError(
                     f"module {stem!r}: rows {p.start}..{p.start + p.length} of {p.key} have no {flavour.name} name "
@@ -277,11 +279,12 @@ def _check_fit(lora: LoraFile, module: LoraModule, own: list[_Piece], tensors: M
             path=lora.path, tensor=_first(module), hint="give --like BASE, the checkpoint the LoRA was trained for")
 
 
-def _choose(cands, p: _Piece, want: tuple[str, str], native: str | None):
+def _choose(cands, p: _Piece, want: tuple[str, str], native: str | None, layouts: tuple[str, ...]):
     """(output pieces, whether not in the wanted naming): the wanted naming's names, else the checkpoint's
-    own, else any name under the prefix (a stem two namings spell alike is listed under one of them)."""
+    own, else those of the family's other layouts, else any name under the prefix. (The table keeps one
+    rule per stem, so a stem two namings spell alike, `_`-joined, is labelled with one of them.)"""
     under = [c for c in cands if c[3] == want[0]]
-    for i, naming in enumerate((want[1], native, None)):
+    for i, naming in enumerate((want[1], native, *layouts, None)):
         tier = [c for c in under if naming is None or c[2] == naming]
         chosen = _cover(tier, p) if tier else None
         if chosen is not None:
