@@ -149,6 +149,9 @@ class Family(NamedTuple):
     # family only when it wins outright (a module only it has, more blocks, or metadata breaking a tie);
     # otherwise it steps aside and the other family decides (with a base, the base decides)
     lora_alone: bool = True
+    # `general.architecture` of a GGUF written for this family, where ComfyUI-GGUF's name is not the family id
+    # (city96/ComfyUI-GGUF loader.py refuses a name outside its IMG_ARCH_LIST)
+    gguf_arch: str | None = None
 
 
 # Row ranges of fused weights: [start, end), None = to the end; a bound is a number of H (the weight's

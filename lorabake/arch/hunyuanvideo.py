@@ -268,5 +268,6 @@ FAMILY = Family(
     # of a Flux LoRA fits it as well. A LoRA alone is called HunyuanVideo only when it wins outright (more
     # blocks, the token refiner, Tencent's fused names, or metadata breaking a tie); with a base, the base decides.
     lora_alone=False,
+    gguf_arch="hyvid",  # city96/ComfyUI-GGUF tools/convert.py and loader.py
     order=210,
 )

@@ -187,5 +187,6 @@ FAMILY = Family(
     implementation="https://github.com/Lightricks/LTX-2",
     resolution="768x512",
     structures=(_LTX2, _LTXV,),
+    gguf_arch="ltxv",  # city96/ComfyUI-GGUF tools/convert.py and loader.py
     order=220,
 )

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 import gguf
 import torch
 
+from lorabake.arch import FAMILIES
 from lorabake.errors import UsageError
 from lorabake.quant import policy
 from lorabake.quant.ggml import GGMLType, ggml_type
@@ -96,7 +97,7 @@ def write(
     elif is_gguf(target):
         fields = [*string_fields({**meta, "lorabake.quant": quant}),
                   Field("general.quantization_version", gguf.GGML_QUANT_VERSION, gguf.GGUFValueType.UINT32, None)]
-        write_gguf(SafetensorsSource(base), target, patches, layout, fields, plan.info.arch, mode=mode, device=device, on_tensor=record, progress=progress)
+        write_gguf(SafetensorsSource(base), target, patches, layout, fields, _gguf_arch(plan.info.arch), mode=mode, device=device, on_tensor=record, progress=progress)
     else:
         formats = {n: f for n, i in base.tensors.items() if (f := policy.comfy_format(quant, n, tuple(i.shape)))}
         write_comfy(base, target, patches, formats, meta, mode=mode, device=device, on_tensor=record, inputs=inputs, force=force, progress=progress)
@@ -114,3 +115,7 @@ def _file_sha256(path: str) -> str:
     return sha.hexdigest()
 
 
+def _gguf_arch(arch: str) -> str:
+    """The `general.architecture` a GGUF of family `arch` carries: ComfyUI-GGUF's name where it has its own."""
+    family = FAMILIES.get(arch)
+    return (family.gguf_arch if family else None) or arch
