@@ -236,13 +236,13 @@ def _modules(tensors: Mapping[str, TensorInfo], info: CheckpointInfo) -> dict[st
     """component -> {module path under its root: _Module}, for float tensors of one dimension or more."""
     roots = sorted(((c.name, c.root) for c in info.components.values()), key=lambda r: -len(r[1]))
     out: dict[str, dict[str, _Module]] = {}
+    any_root = tuple(root for _, root in roots)  # one C call rules out a name outside every component
     for key, t in tensors.items():
-        if not t.shape or not dtypes.BY_TAG[t.dtype].is_float:
+        if not key.startswith(any_root) or not t.shape or not dtypes.BY_TAG[t.dtype].is_float:
             continue
-        owner = next(((name, root) for name, root in roots if key.startswith(root)), None)
-        if owner is None or owner[0] == "vae":
+        name, root = next((name, root) for name, root in roots if key.startswith(root))
+        if name == "vae":
             continue
-        name, root = owner
         rel = key[len(root) :]
         head, _, param = rel.rpartition(".")
         if param in BIAS_PARAMS:

@@ -39,11 +39,8 @@ def fingerprint(job: Job) -> list[dict]:
     for use in job.inputs:
         for path in input_files(use.resolved):
             header = read_header(path)
-            head = hashlib.sha256()
-            head.update(len(header.header_bytes).to_bytes(8, "little"))
-            head.update(header.header_bytes)
             name = use.text if path == use.resolved else os.path.join(use.text, os.path.relpath(path, use.resolved))
-            out.append({"file": name, "size": header.file_size, "header_sha256": head.hexdigest()})
+            out.append({"file": name, "size": header.file_size, "header_sha256": header.header_sha256})
     return out
 
 

@@ -12,7 +12,6 @@ import queue
 import re
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lorabake import dtypes
@@ -44,14 +43,6 @@ def check_input_path(path: str) -> None:
         raise InputError("is not a regular file (a FIFO, device or socket); only regular files are read", path=path)
 
 
-@dataclass(frozen=True, slots=True)
-class Located:
-    """Where one logical tensor lives: the shard's header and the entry in it."""
-
-    header: Header
-    info: TensorInfo
-
-
 class SafetensorsReader:
     """One logical safetensors model: a single file, a sharded index, or a diffusers folder.
 
@@ -62,8 +53,11 @@ class SafetensorsReader:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = os.fspath(path)
         self._fds: dict[str, int] = {}
-        self._where: dict[str, Located] = {}
         self.headers: list[Header] = []
+        self.tensors: dict[str, TensorInfo] = {}
+        # Which shard holds each logical name; None when one file holds them all under their own
+        # names (then `tensors` is that header's dict: no per-tensor object for 10^6 tensors).
+        self._shard_of: dict[str, Header] | None = None
         self.layout = "file"
         try:
             self._open_shards()
@@ -74,7 +68,6 @@ class SafetensorsReader:
             self.layout = "diffusers" if _diffusers_components(self.path) else "sharded"
         elif self.path.endswith(".index.json") or len(self.headers) > 1:
             self.layout = "sharded"
-        self.tensors: dict[str, TensorInfo] = {n: loc.info for n, loc in self._where.items()}
         self.metadata: dict[str, str] = dict(self.headers[0].metadata) if len(self.headers) == 1 else {}
         if len(self.headers) > 1:
             for h in self.headers:
@@ -83,19 +76,34 @@ class SafetensorsReader:
     def _open_shards(self) -> None:
         """Open every shard once (regular files only) and keep it open: data is read through the
         descriptor whose header was read, and `verify_unchanged` compares it with what it was."""
-        for prefix, shard in _shards_of(self.path):
+        shards = _shards_of(self.path)
+        for prefix, shard in shards:
             if shard in self._fds:
                 raise HeaderError("the same shard is listed twice", path=shard)
             self._fds[shard] = open_regular(shard)
             header = read_header_fd(self._fds[shard], shard)
             self.headers.append(header)
+            if len(shards) == 1 and not prefix:
+                self.tensors = header.tensors
+                return
+            if self._shard_of is None:
+                self._shard_of = {}
             for name, info in header.tensors.items():
                 logical = prefix + name
-                if logical in self._where:
+                if logical in self.tensors:
                     raise HeaderError(
                         "tensor appears in two shards", path=shard, tensor=logical
                     )
-                self._where[logical] = Located(header, info)
+                self.tensors[logical] = info
+                self._shard_of[logical] = header
+
+    def shard_of(self, name: str) -> Header:
+        """The header of the file that holds logical tensor `name`."""
+        if self._shard_of is not None:
+            return self._shard_of[name]
+        if name not in self.tensors:
+            raise KeyError(name)
+        return self.headers[0]
 
     # -- sizes ---------------------------------------------------------------------------
     @property
@@ -135,7 +143,7 @@ class SafetensorsReader:
 
     def read_bytes(self, name: str) -> bytearray:
         """The raw bytes of tensor `name`, in a buffer of its own."""
-        buf = bytearray(self._where[name].info.nbytes)
+        buf = bytearray(self.tensors[name].nbytes)
         self._read_into(name, memoryview(buf))
         return buf
 
@@ -144,22 +152,22 @@ class SafetensorsReader:
 
         Supports what the streaming paths need: len, slicing, hashing, `to_tensor`, writing.
         """
-        view = _empty_buffer(self._where[name].info.nbytes)
+        view = _empty_buffer(self.tensors[name].nbytes)
         self._read_into(name, view)
         return view
 
     def _read_into(self, name: str, view: memoryview) -> None:
-        loc = self._where[name]
+        header, info = self.shard_of(name), self.tensors[name]
         buf = view
-        fd = self._fd(loc.header.path)
-        pos = loc.header.data_offset + loc.info.start
+        fd = self._fd(header.path)
+        pos = header.data_offset + info.start
         done = 0
         while done < len(buf):
             got = os.preadv(fd, [view[done:]], pos + done)
             if got == 0:
                 raise HeaderError(
                     "file ended while reading this tensor (was it truncated after opening?)",
-                    path=loc.header.path,
+                    path=header.path,
                     tensor=name,
                 )
             done += got
@@ -169,8 +177,8 @@ class SafetensorsReader:
 
         The fd stays valid until `close`.
         """
-        loc = self._where[name]
-        return self._fd(loc.header.path), loc.header.data_offset + loc.info.start, loc.info.nbytes
+        header, info = self.shard_of(name), self.tensors[name]
+        return self._fd(header.path), header.data_offset + info.start, info.nbytes
 
     def read(self, name: str) -> torch.Tensor:
         """Tensor `name` as a CPU torch tensor (its own memory, no mmap)."""

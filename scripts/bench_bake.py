@@ -145,7 +145,7 @@ def count_reads(recipe: str) -> dict[str, float]:
     original = st_reader.SafetensorsReader._read_into
 
     def counting(self, name, view):
-        path = self._where[name].header.path
+        path = self.shard_of(name).path
         counted[path] = counted.get(path, 0) + len(view)
         return original(self, name, view)
 

@@ -29,7 +29,7 @@ def test_one_read_feeds_k_outputs_equal_to_k_merges(tmp_path, monkeypatch):
     original = st_reader.SafetensorsReader._read_into
 
     def counting(self, name, view):
-        path = self._where[name].header.path
+        path = self.shard_of(name).path
         reads[path] = reads.get(path, 0) + len(view)
         return original(self, name, view)
 

@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     # 0: value types, errors, dtypes, devices: no lorabake imports beyond this layer
     ("types", "errors", "dtypes", "devices", "file_copy"),
     # 1: the safetensors format, and the format knowledge as data (families, adapter grammar)
-    ("st_header", "st_reader", "st_writer", "arch", "adapters"),
+    ("st_entry", "st_scan", "st_header", "st_reader", "st_writer", "arch", "adapters"),
     # 2: reading names and descriptions: checkpoint detection, LoRA grammar, recipes and jobs; math on tensors
     (
         "detect", "lora_format", "delta", "rounding", "svd", "lowrank", "fold", "bake_kernel",

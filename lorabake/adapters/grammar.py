@@ -20,6 +20,7 @@ _GUARDS = {
 }
 
 _SUFFIXES_LONGEST_FIRST = tuple(sorted(SUFFIXES, key=lambda s: -len(s.text)))
+_ANY_SUFFIX = tuple(row.text for row in _SUFFIXES_LONGEST_FIRST)  # one C call rules out most checkpoint keys
 
 # PEFT writes `<module>.lora_A.<adapter>.weight` in raw dumps; `.default`/`.default_N` is the
 # adapter name PEFT and DiffSynth use, and DiffSynth-Studio's Qwen-Image LoRAs nest it once more
@@ -32,12 +33,13 @@ _ADAPTER_INFIX = re.compile(
 def split(key: str, keys: Mapping[str, object]) -> tuple[str, str, str | None] | None:
     """(stem, part, spelling) of `key`, or None when no suffix fits."""
     norm = _ADAPTER_INFIX.sub(r".\1", key) if ".default" in key else key
-    for row in _SUFFIXES_LONGEST_FIRST:
-        if norm.endswith(row.text) and len(norm) > len(row.text):
-            stem = norm[: -len(row.text)]
-            if row.requires and not _GUARDS[row.requires](stem):
-                continue
-            return stem, row.part, row.spelling
+    if norm.endswith(_ANY_SUFFIX):
+        for row in _SUFFIXES_LONGEST_FIRST:
+            if norm.endswith(row.text) and len(norm) > len(row.text):
+                stem = norm[: -len(row.text)]
+                if row.requires and not _GUARDS[row.requires](stem):
+                    continue
+                return stem, row.part, row.spelling
     if key.endswith(".weight") and key[: -len(".weight")] + ".on_input" in keys:
         return key[: -len(".weight")], "ia3_weight", None
     return None
@@ -65,8 +67,13 @@ def looks_like_lora(tensors: Mapping[str, object]) -> bool:
     """
     if not tensors:
         return False
+    # Only a key with an adapter suffix or PEFT's infix can be a part, and a plain `.weight` only
+    # beside an IA3 `.on_input` (a suffix): one C call per key for the 10^6 names of a checkpoint.
+    maybe = [k for k in tensors if k.endswith(_ANY_SUFFIX) or ".default" in k]
+    if any(k.endswith(".on_input") for k in maybe):
+        maybe = list(tensors)
     hits = 0
-    for key in tensors:
+    for key in maybe:
         hit = split(key, tensors)
         if hit is not None and hit[1] in _DISTINCTIVE_PARTS:
             hits += 1

@@ -64,15 +64,16 @@ def find_layers(
 ) -> dict[str, QuantLayer]:
     """weight key → QuantLayer for every quantized layer of the file (empty for a plain one)."""
     formats = _metadata_formats(metadata, path)
+    marker = "." + MARKER
     for name in tensors:
-        if name.endswith("." + MARKER):
+        if name.endswith(marker):
             formats[name[: -len(MARKER) - 1]] = _marker_format(read_bytes(name), name, path)
     layers = {}
     for module, (fmt, conf) in formats.items():
         if module + ".weight" in tensors:
             layers[module + ".weight"] = _layer(module, fmt, conf, tensors)
     for name, info in tensors.items():
-        if name in layers or not name.endswith(".weight") or info.dtype not in FP8_FORMATS:
+        if info.dtype not in FP8_FORMATS or name in layers or not name.endswith(".weight"):
             continue
         module = name[: -len(".weight")]
         scale = next((f"{module}.{s}" for s in LEGACY_SCALES if f"{module}.{s}" in tensors), None)
