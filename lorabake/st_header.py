@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from lorabake import dtypes
 from lorabake.errors import HeaderError, InputError
-from lorabake.st_entry import MAX_UINT, Duplicate, TensorInfo, entry_info, parse_json, reject_duplicates
+from lorabake.st_entry import MAX_UINT, Duplicate, TensorInfo, parse_json, reject_duplicates
 from lorabake.st_scan import scan
 
 __all__ = ["MAX_UINT", "TensorInfo", "parse_json"]  # defined in st_entry, imported from here too
@@ -151,9 +151,10 @@ def _foreign_format(head: bytes) -> str | None:
 def parse_header(raw: bytes, *, path: str, file_size: int) -> Header:
     """Validate header bytes `raw` of a file of `file_size` bytes.
 
-    Two parsers, one set of rules: `st_scan.scan` reads a plainly valid header in one pass (10^6
-    tensors in seconds, without the ~600 MB of dicts `json.loads` would build); anything else goes
-    to `_parse_reference`, which checks the JSON and every entry in order and names the first fault.
+    `st_scan.scan` reads it in one pass (10^6 tensors in seconds, without the ~600 MB of dicts
+    `json.loads` would build). Faults are reported in this order: the JSON as a whole (syntax,
+    depth, digits, duplicate keys), that it is an object, its metadata, lone surrogates in names,
+    each entry in document order, then the spans.
     """
     try:
         text = raw.decode("utf-8")
@@ -165,14 +166,15 @@ def parse_header(raw: bytes, *, path: str, file_size: int) -> Header:
     del raw  # the caller keeps no reference (`read_header_fd`): 88 MB for 10^6 tensors
     with _gc_paused():
         scanned = scan(text, path)
-        if scanned is None:
-            metadata, tensors = _parse_reference(text, path)
-            tiled_to = None
-        else:
-            metadata, tensors, tiled_to = scanned.metadata, scanned.tensors, scanned.contiguous_to
-            _check_metadata(metadata, path)
-            if "\\ud" in text or "\\uD" in text:
-                _check_surrogates([*tensors, *metadata, *metadata.values()], path)
+        if scanned is None:  # the JSON itself is at fault: `json` says where
+            _check_json(text, path)
+            raise HeaderError("header is not valid JSON", path=path)  # not reached: the check raises
+        metadata, tensors, tiled_to = scanned.metadata, scanned.tensors, scanned.contiguous_to
+        _check_metadata(metadata, path)
+        if "\\ud" in text or "\\uD" in text:  # escapes of lone surrogates may be there
+            _check_surrogates([*tensors, *metadata, *metadata.values()], path)
+        if scanned.fault is not None:
+            raise scanned.fault
         del text, scanned
         data_size = file_size - data_offset
         if tiled_to != data_size:  # else the spans, in document order, tile the data section already
@@ -204,21 +206,25 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _parse_reference(text: str, path: str) -> tuple[dict, dict[str, TensorInfo]]:
-    """`json.loads` with duplicate keys refused at every level, then the metadata, the names and
-    each entry in document order: the first fault found is the one reported."""
+_OBJECT = object()
+
+
+def _check_json(text: str, path: str) -> None:
+    """The header as JSON: valid, no key given twice in any object (the first such object to close
+    is named), an object at the top. Each object is dropped once checked: no parsed document of
+    10^6 entries (~600 MB) is ever held."""
     try:
-        doc = parse_json(text, what="header", path=path, object_pairs_hook=reject_duplicates)
+        doc = parse_json(text, what="header", path=path, object_pairs_hook=_checked_and_dropped)
     except Duplicate as dup:
         raise HeaderError("header names this tensor twice", path=path, tensor=dup.key) from None
-    if not isinstance(doc, dict):
+    if doc is not _OBJECT:
         raise HeaderError(f"header is a JSON {type(doc).__name__}, not an object", path=path)
-    metadata = doc.pop("__metadata__", {})
-    _check_metadata(metadata, path)
-    if "\\ud" in text or "\\uD" in text:
-        _check_surrogates([*doc, *metadata, *metadata.values()], path)
-    tensors = {name: entry_info(name, entry, path) for name, entry in doc.items()}
-    return metadata, tensors
+
+
+def _checked_and_dropped(pairs: list[tuple[str, object]]) -> object:
+    if len(dict(pairs)) != len(pairs):
+        reject_duplicates(pairs)  # raises `Duplicate` naming the key
+    return _OBJECT
 
 
 def _check_metadata(metadata: object, path: str) -> None:

@@ -7,10 +7,12 @@ any JSON whitespace) straight into a `TensorInfo`; any other entry (`__metadata_
 order, an escape in a name) is parsed by `json`'s own scanner with the duplicate-refusing hook
 and checked by `entry_info`, like the reference parser does.
 
-This path only decides how fast a valid header is read, never whether a header is valid:
-`scan` returns None at the first thing that is not plainly valid (bad JSON, a key given twice
-at any level, an entry `entry_info` refuses), and the caller then runs the reference parser,
-which names the fault. What `scan` returns for a valid header equals what the reference gives.
+The rules are `entry_info`'s and `st_header`'s, in the reference order: the JSON as a whole first
+(syntax, depth, digits, a key given twice in any object), then the metadata, names, entries in
+document order and spans. So `scan` returns None at the first fault of the JSON itself, and
+`st_header` has `json` name it (the first object to close with a duplicate key, say); the first
+entry `entry_info` refuses is only kept, as the JSON further on may still be at fault. Header or
+error, the result equals the reference parser's (`tests/test_st_scan.py`).
 """
 
 from __future__ import annotations
@@ -54,50 +56,57 @@ _ABSENT = object()
 
 
 class Scanned:
-    """A header `scan` read: metadata as parsed, tensors in document order, and whether their
-    spans already tile the data section from 0 in that order (then no sort or check is needed)."""
+    """A header `scan` read: metadata as parsed, tensors in document order, whether their spans
+    already tile the data section from 0 in that order (then no sort or check is needed), and (for
+    any) the first entry fault, with None in `tensors` for each faulty name."""
 
-    __slots__ = ("metadata", "tensors", "contiguous_to")
+    __slots__ = ("metadata", "tensors", "contiguous_to", "fault")
 
-    def __init__(self, metadata: object, tensors: dict[str, TensorInfo], contiguous_to: int | None) -> None:
+    def __init__(self, metadata: object, tensors: dict, contiguous_to: int | None, fault: HeaderError | None) -> None:
         self.metadata = metadata
         self.tensors = tensors
         self.contiguous_to = contiguous_to  # end of the last span if spans follow each other from 0
+        self.fault = fault
 
 
 def scan(text: str, path: str) -> Scanned | None:
-    """Read header JSON `text`; None whenever the reference parser must decide (see above)."""
+    """Read header JSON `text`: None when the JSON itself is at fault (see above); the first entry
+    that `entry_info` refuses is kept in `Scanned.fault`, the scan goes on."""
     opened = _OPEN.match(text)
     if opened is None:
         return None
     pos = opened.end()
+    inside = _END.match(text, pos).end()
+    if text.startswith("}", inside):  # an empty object
+        return Scanned({}, {}, 0, None) if _END.match(text, inside + 1).end() == len(text) else None
     value_at = json.scanner.make_scanner(json.JSONDecoder(object_pairs_hook=reject_duplicates))
     new, (set_name, set_dtype, set_shape, set_start, set_end) = object.__new__, _fillers()
     kinds: dict[str, tuple[str, tuple[int, ...], int]] = {}
-    tensors: dict[str, TensorInfo] = {}
+    tensors: dict[str, TensorInfo | None] = {}
     metadata: object = _ABSENT
+    fault = None
     count, cursor, cursor_text, contiguous = 0, 0, "0", True
     while True:
         # Entries as written by safetensors, as long as they come. This loop is the hot path of
         # a header of 10^6 tensors: each step in it costs ~0.1 s there.
         for pattern in _ENTRIES:
-            m = None
+            m = other = None
             for m in iter(pattern.scanner(text, pos).match, None):
                 name, kind_text, first, last = m.groups()
                 kind = kinds.get(kind_text)
                 if kind is None:
                     kind = _kind(kind_text)
-                    if kind is None:
-                        return None
-                    kinds[kind_text] = kind
+                    if kind is not None:
+                        kinds[kind_text] = kind
                 if first == cursor_text:  # digits without leading zeros: equal text, equal number
                     start = cursor
                 else:
                     start = int(first)
                     contiguous = False
                 end = int(last)
-                if end - start != kind[2]:
-                    return None
+                if kind is None or end - start != kind[2] or name == "__metadata__":
+                    other = m.start()  # read again below by `json`, and judged by `entry_info`
+                    break
                 info = new(TensorInfo)
                 set_name(info, name)
                 set_dtype(info, kind[0])
@@ -107,6 +116,9 @@ def scan(text: str, path: str) -> Scanned | None:
                 tensors[name] = info
                 count += 1
                 cursor, cursor_text = end, last
+            if other is not None:
+                pos = other
+                break
             if m is not None:
                 pos = m.end()
         # Anything else, one key and its value, through `json`'s own scanner.
@@ -126,15 +138,17 @@ def scan(text: str, path: str) -> Scanned | None:
                 return None
             metadata = value
         else:
+            count += 1
             try:
                 info = entry_info(name, value, path)
-            except HeaderError:
-                return None
-            tensors[name] = info
-            count += 1
-            if info.start != cursor:
-                contiguous = False
-            cursor, cursor_text = info.end, str(info.end)
+            except HeaderError as exc:
+                fault = fault or exc
+                tensors[name] = None
+            else:
+                tensors[name] = info
+                if info.start != cursor:
+                    contiguous = False
+                cursor, cursor_text = info.end, str(info.end)
         after = _SEP.match(text, pos)
         if after is None:
             return None
@@ -143,7 +157,7 @@ def scan(text: str, path: str) -> Scanned | None:
             break
     if _END.match(text, pos).end() != len(text) or len(tensors) != count or "__metadata__" in tensors:
         return None  # text after the object, a name given twice
-    return Scanned({} if metadata is _ABSENT else metadata, tensors, cursor if contiguous else None)
+    return Scanned({} if metadata is _ABSENT else metadata, tensors, cursor if contiguous else None, fault)
 
 
 def _fillers() -> tuple:
