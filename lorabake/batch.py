@@ -151,7 +151,7 @@ def _merge_options(job: Job, opts: BatchOptions, *, dry_run: bool, extra=()):
 
     return ops.MergeOptions(
         base=job.base.resolved,
-        loras=tuple(LoraSpec(path=u.resolved, strength=u.strength, te_strength=u.te_strength) for u in job.loras),
+        loras=tuple(LoraSpec(path=u.resolved, strength=u.strength, te_strength=u.te_strength, blocks=u.blocks) for u in job.loras),
         output=None if dry_run else job.output_path,
         dtype=job.dtype,
         device=opts.device,

@@ -21,6 +21,8 @@ Examples:
   lorabake merge base.safetensors --lora moxin.safetensors:0.5 --lora light.safetensors:1.0 -o out.safetensors
   lorabake merge sdxl.safetensors --lora style.safetensors:0.8:0.4 -o out.safetensors --dtype fp16
   lorabake merge flux1-dev.safetensors --lora detail.safetensors:-0.5 -o less_detail.safetensors
+  lorabake merge sdxl.safetensors --lora style.safetensors:0.8@OUTD -o out.safetensors
+  lorabake merge flux1-dev.safetensors --lora a.safetensors@double:0-7=0,single:*=0.5 -o out.safetensors
   lorabake merge base.safetensors --lora a.safetensors --dry-run
 """
 
@@ -114,8 +116,10 @@ def cli(debug: bool) -> None:  # noqa: ARG001
 # -- merge ---------------------------------------------------------------------------------
 @cli.command(epilog=MERGE_EXAMPLES + "\n" + EXIT_CODES_HELP)
 @click.argument("base", type=click.Path())
-@click.option("--lora", "loras", multiple=True, required=True, metavar="PATH[:STRENGTH[:TE_STRENGTH]]",
-              help="A LoRA to bake; strength defaults to 1.0, text-encoder strength to the strength.")
+@click.option("--lora", "loras", multiple=True, required=True, metavar="PATH[:STRENGTH[:TE_STRENGTH]][@BLOCKS]",
+              help="A LoRA to bake; strength defaults to 1.0, text-encoder strength to the strength. "
+                   "@BLOCKS: per-block strengths, a preset (OUTD), a block-weight vector (17/26 SD1, 12/20 SDXL) "
+                   "or NAME=VALUE items (double:0-7=0,single:*=1; IN04=0; te=0.5).")
 @click.option("-o", "--output", type=click.Path(), help="Output .safetensors file.")
 @click.option("--dtype", type=click.Choice(["keep", "fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2"]), default="keep",
               show_default=True, help="Dtype of the output's float tensors.")
@@ -136,7 +140,7 @@ def cli(debug: bool) -> None:  # noqa: ARG001
 @click.option("--quiet", is_flag=True, help="Print only errors.")
 def merge(base, loras, output, dtype, device, rounding, allow_unmatched, quant, gguf_requant, dry_run, as_json, force, saturate, quiet):
     """Bake LoRAs into BASE: W' = W + Σ strength · scale · ΔW, streamed tensor by tensor."""
-    from lorabake import ops, render
+    from lorabake import ops, progress, render
 
     specs = tuple(parse_lora_arg(text) for text in loras)
     if not dry_run and not output:
@@ -156,8 +160,8 @@ def merge(base, loras, output, dtype, device, rounding, allow_unmatched, quant, 
         saturate=saturate,
     )
     show_progress = not (quiet or as_json or dry_run) and sys.stderr.isatty()
-    with render.progress_bar(enabled=show_progress) as progress:
-        result = ops.merge(opts, progress=progress.advance, on_plan=progress.start_for)
+    with progress.progress_bar(enabled=show_progress) as bar:
+        result = ops.merge(opts, progress=bar.advance, on_plan=bar.start_for)
     with stdio.report():
         if as_json:
             click.echo(to_json(render.merge_json(result)))
@@ -209,7 +213,7 @@ def extract(base, tuned, output, rank, conv_rank, rank_mode, rank_param, alpha, 
             all_modules, min_diff, device, dtype, as_json, force, quiet):
     """Extract a LoRA from TUNED − BASE by (randomized) SVD, reporting its error."""
     from lorabake import extract as extracting
-    from lorabake import render
+    from lorabake import progress, render
 
     opts = extracting.ExtractOptions(
         base=base,
@@ -229,8 +233,8 @@ def extract(base, tuned, output, rank, conv_rank, rank_mode, rank_param, alpha, 
         force=force,
     )
     show_progress = not (quiet or as_json) and sys.stderr.isatty()
-    with render.progress_bar(enabled=show_progress, label="extracting") as progress:
-        result = extracting.extract(opts, progress=progress.advance, on_start=progress.start_total)
+    with progress.progress_bar(enabled=show_progress, label="extracting") as bar:
+        result = extracting.extract(opts, progress=bar.advance, on_start=bar.start_total)
     with stdio.report():
         if as_json:
             click.echo(to_json(extracting.extract_json(result)))

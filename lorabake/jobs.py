@@ -13,6 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from lorabake import block_spec
 from lorabake.errors import UsageError
 
 DTYPES = ("keep", "fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2")
@@ -31,6 +32,7 @@ class Use:
     resolved: str
     strength: float = 1.0
     te_strength: float | None = None
+    blocks: str | None = None  # per-block strengths (`@BLOCKS` of the LoRA's text)
 
     def scaled(self, factor: float) -> Use:
         """The matrix strength scales both strengths of a LoRA."""
@@ -40,7 +42,8 @@ class Use:
     @property
     def lora_text(self) -> str:
         text = f"{self.text}:{format_number(self.strength)}"
-        return text if self.te_strength is None else f"{text}:{format_number(self.te_strength)}"
+        text = text if self.te_strength is None else f"{text}:{format_number(self.te_strength)}"
+        return text if self.blocks is None else f"{text}@{self.blocks}"
 
 
 LoraUse = Use
@@ -112,8 +115,11 @@ def format_number(x: float) -> str:
     return repr(float(x))
 
 
-def parse_lora_text(text: str, *, where: str, recipe: str) -> tuple[str, float, float | None]:
-    """PATH[:STRENGTH[:TE_STRENGTH]], numbers taken from the right so paths may contain ':'."""
+def parse_lora_text(text: str, *, where: str, recipe: str) -> tuple[str, float, float | None, str | None]:
+    """PATH[:STRENGTH[:TE_STRENGTH]][@BLOCKS], numbers taken from the right so paths may contain ':'."""
+    text, blocks = block_spec.split(text)
+    if blocks is not None:
+        check_blocks(blocks, where=where, recipe=recipe)
     pieces = text.split(":")
     numbers: list[float] = []
     while len(pieces) > 1 and len(numbers) < 2:
@@ -128,7 +134,15 @@ def parse_lora_text(text: str, *, where: str, recipe: str) -> tuple[str, float, 
     path = ":".join(pieces)
     if not path:
         raise UsageError(f"{where}: {text!r} has no path", path=recipe)
-    return path, (numbers[0] if numbers else 1.0), (numbers[1] if len(numbers) > 1 else None)
+    return path, (numbers[0] if numbers else 1.0), (numbers[1] if len(numbers) > 1 else None), blocks
+
+
+def check_blocks(blocks: str, *, where: str, recipe: str) -> None:
+    """The grammar of a block spec, checked where it is written (the base checks the names later)."""
+    try:
+        block_spec.parse(blocks)
+    except block_spec.BlockSpecError as exc:
+        raise UsageError(f"{where}: {exc}", path=recipe) from None
 
 
 def recipe_from_metadata(metadata: dict[str, str]) -> dict | None:

@@ -104,11 +104,11 @@ def build_keymap(
         diffusion_prefixes = family.lora_prefixes
 
     table = _Table()
-    modules_by_component = _modules(tensors, info)
+    by_component = modules_by_component(tensors, info)
     for comp in info.components.values():
         if comp.name == "vae":
             continue
-        modules = modules_by_component.get(comp.name, {})
+        modules = by_component.get(comp.name, {})
         if comp.name in TEXT_ENCODERS:
             te = text_encoders.get(comp.name)
             prefixes = te.lora_prefixes if te else ()
@@ -116,7 +116,7 @@ def build_keymap(
         else:
             prefixes = diffusion_prefixes
             native = info.naming if info.naming != "unknown" else "native"
-            names = _renamed(modules, native, family.renames if family else ())
+            names = names_of(modules, native, family.renames if family else ())
         flavour = family.kohya_names.get(comp.name) if family else None
         for module, module_names in names.items():
             mod = modules[module]
@@ -232,7 +232,7 @@ class _Module(NamedTuple):
     bias_key: str | None
 
 
-def _modules(tensors: Mapping[str, TensorInfo], info: CheckpointInfo) -> dict[str, dict[str, _Module]]:
+def modules_by_component(tensors: Mapping[str, TensorInfo], info: CheckpointInfo) -> dict[str, dict[str, _Module]]:
     """component -> {module path under its root: _Module}, for float tensors of one dimension or more."""
     roots = sorted(((c.name, c.root) for c in info.components.values()), key=lambda r: -len(r[1]))
     out: dict[str, dict[str, _Module]] = {}
@@ -259,7 +259,7 @@ def _modules(tensors: Mapping[str, TensorInfo], info: CheckpointInfo) -> dict[st
 # --- other names of a module: the family's rename tables, applied in order ----------------------------
 
 
-def _renamed(
+def names_of(
     modules: Mapping[str, object], native: str, tables: tuple[Renames, ...]
 ) -> dict[str, list[_Name]]:
     """module -> its own name plus every name the tables give it; a table reads names earlier ones made."""
@@ -351,7 +351,7 @@ def _lookup(rows: Mapping[str, tuple[Alias, ...]], module: str) -> tuple[str | N
 
 
 def _text_encoder_names(modules: Mapping[str, _Module], kind: TextEncoderKind) -> dict[str, list[_Name]]:
-    names = _renamed(modules, kind.naming, kind.renames)
+    names = names_of(modules, kind.naming, kind.renames)
     if (
         kind.clip
         and kind.naming == "hf"

@@ -1,18 +1,28 @@
-"""The `PATH[:STRENGTH[:TE_STRENGTH]]` argument of merge, combine and resize, parsed for the CLI."""
+"""The `PATH[:STRENGTH[:TE_STRENGTH]][@BLOCKS]` argument of merge, combine and resize, parsed for the CLI."""
 
 from __future__ import annotations
 
 import math
 import os
 
-from lorabake import limits
+from lorabake import block_spec, limits
 from lorabake.errors import UsageError
 
 
 def parse_lora_arg(text: str):
-    """PATH[:STRENGTH[:TE_STRENGTH]], numbers taken from the right so paths may contain ':'."""
+    """PATH[:STRENGTH[:TE_STRENGTH]][@BLOCKS], numbers taken from the right so paths may contain ':'."""
     from lorabake.plan import LoraSpec  # torch comes with it: not at import, where no handler runs yet
 
+    whole = text
+    if not os.path.exists(text):
+        text, blocks = block_spec.split(text)
+    else:
+        blocks = None
+    if blocks is not None:
+        try:
+            block_spec.parse(blocks)
+        except block_spec.BlockSpecError as exc:
+            raise UsageError(f"--lora {whole!r}: {exc}") from None
     pieces = text.split(":")
     numbers: list[float] = []
     while len(pieces) > 1 and len(numbers) < 2:
@@ -26,7 +36,7 @@ def parse_lora_arg(text: str):
         _explain_bad_strengths(text)
     strength = numbers[0] if numbers else 1.0
     te = numbers[1] if len(numbers) > 1 else None
-    return LoraSpec(path=path, strength=strength, te_strength=te)
+    return LoraSpec(path=path, strength=strength, te_strength=te, blocks=blocks)
 
 
 def _explain_bad_strengths(text: str) -> None:

@@ -183,14 +183,14 @@ def _metadata(opts: MergeOptions, plan: MergePlan, lora_shas: list[str]) -> dict
             "data_sha256": sha,
             "strength": spec.strength,
             "te_strength": spec.te_strength if spec.te_strength is not None else spec.strength,
+            **({"blocks": spec.blocks} if spec.blocks else {}),
         }
         for spec, sha in zip(opts.loras, lora_shas)
     ]
     meta["lorabake.version"] = __version__
     meta["lorabake.loras"] = json.dumps(loras, separators=(",", ":"))
     titles = [meta.get("modelspec.title") or _stem(opts.base)]
-    for lp in plan.loras:
-        titles.append(lp.lora.metadata.get("modelspec.title") or _stem(lp.spec.path))
+    titles += [lp.lora.metadata.get("modelspec.title") or _stem(lp.spec.path) for lp in plan.loras]
     meta["modelspec.merged_from"] = ", ".join(titles)
     meta["modelspec.title"] = _stem(opts.output)
     meta.update(opts.extra_metadata)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from lorabake import adapters, spread
+from lorabake import adapters, blocks, spread
 from lorabake.detect import CheckpointInfo, detect_checkpoint
 from lorabake.errors import LoraFormatError, MatchError
 from lorabake.keymap import KeyMap, build_keymap
@@ -32,6 +32,7 @@ class LoraSpec:
     path: str
     strength: float = 1.0
     te_strength: float | None = None
+    blocks: str | None = None  # a per-block strength spec (lorabake.block_spec), resolved against the base
 
     def strength_for(self, component: str) -> float:
         if component in TEXT_ENCODERS and self.te_strength is not None:
@@ -67,6 +68,7 @@ class LoraPlan:
     lora: LoraFile
     reader: SafetensorsReader
     outcomes: list[Outcome] = field(default_factory=list)
+    block_weights: blocks.BlockWeights | None = None  # from the spec's `@BLOCKS`, resolved on the base
 
     def by_status(self, status: str) -> list[Outcome]:
         return [o for o in self.outcomes if o.status == status]
@@ -86,6 +88,7 @@ class MergePlan:
     keymap: KeyMap
     loras: list[LoraPlan]
     patches: dict[str, list[PlannedPatch]]  # base key -> patches, in --lora order
+    block_of: dict[str, str] = field(default_factory=dict)  # weight key -> block (when a spec asked)
 
     @property
     def unmatched(self) -> list[tuple[LoraPlan, Outcome]]:
@@ -106,16 +109,24 @@ def plan_merge(
     """
     info = detect_checkpoint(base.tensors, base.metadata)
     keymap = build_keymap(base.tensors, info)
+    block_of = blocks.block_map(base.tensors, info) if any(s.blocks for s in specs) else {}
     patches: dict[str, list[PlannedPatch]] = {}
     plans = []
     for index, (spec, reader) in enumerate(zip(specs, lora_readers)):
+        weights = None
+        if spec.blocks:
+            present = set(block_of.values())
+            weights = blocks.resolve(spec.blocks, info.arch, present, set(info.components), lora=spec.path)
         # header only: a module's alpha tensor is read with its factors at bake time, where the
         # kernel applies the same scale rule (adapters.scale); PEFT scales come from the metadata
         lora = against_base(parse_lora(reader.tensors, reader.metadata, path=reader.path), info.arch, base.path)
-        plan = LoraPlan(spec, lora, reader)
+        plan = LoraPlan(spec, lora, reader, block_weights=weights)
         claimed: dict[tuple[str, object], str] = {}
         for stem, module in lora.modules.items():
             outcome, planned = _resolve(index, spec, module, reader, base, keymap)
+            if weights is not None:
+                planned = [replace(p, strength=p.strength * weights.factor(block_of.get(p.target.key), p.target.component))
+                           for p in planned]
             plan.outcomes.append(outcome)
             for p in planned:
                 # a fused module's rows (spread) and the tensor's own module are two modules, both applied: files
@@ -136,20 +147,21 @@ def plan_merge(
                 Outcome(key, "unmatched", module_component_hint(key), "not a tensor of any known adapter format")
             )
         if require_change:
-            _check_changes(plan, info, base.path)
+            mine = [p.strength for ps in patches.values() for p in ps if p.lora_index == index]
+            _check_changes(plan, info, base.path, mine)
         plans.append(plan)
-    return MergePlan(base, info, keymap, plans, patches)
+    return MergePlan(base, info, keymap, plans, patches, block_of)
 
 
-def _check_changes(plan: LoraPlan, info: CheckpointInfo, base_path: str) -> None:
+def _check_changes(plan: LoraPlan, info: CheckpointInfo, base_path: str, strengths: list[float]) -> None:
     """A LoRA that changes no tensor of the base is an error, never a silent no-op."""
     applied = plan.by_status("applied")
-    strengths = {plan.spec.strength_for(o.component or "") for o in applied}
-    if applied and strengths != {0.0}:
+    if applied and set(strengths) != {0.0}:
         return
     lora = plan.lora
     if applied:
-        why = f"its {len(applied)} matching module(s) are all at strength 0"
+        blocks_said = f" (block spec {plan.spec.blocks!r})" if plan.spec.blocks else ""
+        why = f"its {len(applied)} matching module(s) are all at strength 0{blocks_said}"
     elif not plan.outcomes:
         why = "it holds no adapter module"
     else:

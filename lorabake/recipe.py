@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 
 from lorabake.errors import UsageError
-from lorabake.jobs import DTYPES, ROUNDINGS, Job, LoraUse, Pin, format_number, parse_lora_text
+from lorabake.jobs import DTYPES, ROUNDINGS, Job, LoraUse, Pin, check_blocks, format_number, parse_lora_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -31,9 +31,6 @@ MATRIX_KEYS = ("name", "bases", "loras", "strengths", "output", *OPTION_KEYS)
 PIN_KINDS = ("sha256", "data_sha256")
 # Keys people will write that lorabake does not support yet, with the reason (refused, never ignored).
 NOT_YET = {
-    "block_strengths": "per-block strengths are not supported yet",
-    "blocks": "per-block strengths are not supported yet",
-    "lbw": "per-block strengths are not supported yet",
     "quantization": "quantized outputs are not supported yet; use dtype",
     "quant": "quantized outputs are not supported yet; use dtype",
     "device": "the device is a command-line choice (bake --device), not part of a recipe",
@@ -178,9 +175,9 @@ def _job(name, entry: dict, where: str, ctx: _Ctx, *, strength: float, set_name,
 
 def _lora(item: object, where: str, ctx: _Ctx) -> LoraUse:
     if isinstance(item, str):
-        text, strength, te = parse_lora_text(item, where=where, recipe=ctx.path)
+        text, strength, te, blocks = parse_lora_text(item, where=where, recipe=ctx.path)
     elif isinstance(item, dict):
-        _check_keys(item, ("path", "strength", "te_strength"), where, ctx.path)
+        _check_keys(item, ("path", "strength", "te_strength", "blocks"), where, ctx.path)
         if "path" not in item:
             raise UsageError(f"{where}: missing 'path'", path=ctx.path)
         text = _path_text(item["path"], where, ctx.path)
@@ -188,9 +185,14 @@ def _lora(item: object, where: str, ctx: _Ctx) -> LoraUse:
         if not _is_number(strength) or (te is not None and not _is_number(te)):
             raise UsageError(f"{where}: strengths must be numbers", path=ctx.path)
         strength, te = float(strength), (None if te is None else float(te))
+        blocks = item.get("blocks")
+        if blocks is not None:
+            if not isinstance(blocks, str):
+                raise UsageError(f"{where}: 'blocks' is a string (a preset, a list of numbers, or NAME=VALUE items)", path=ctx.path)
+            check_blocks(blocks, where=where, recipe=ctx.path)
     else:
-        raise UsageError(f"{where}: a LoRA is a 'PATH:STRENGTH[:TE_STRENGTH]' string or a table", path=ctx.path)
-    return LoraUse(text=text, resolved=_resolve(ctx.folder, text), strength=strength, te_strength=te)
+        raise UsageError(f"{where}: a LoRA is a 'PATH:STRENGTH[:TE_STRENGTH][@BLOCKS]' string or a table", path=ctx.path)
+    return LoraUse(text=text, resolved=_resolve(ctx.folder, text), strength=strength, te_strength=te, blocks=blocks)
 
 
 def _pins(raw: object, folder: str, path: str) -> list[Pin]:

@@ -6,19 +6,9 @@ reaches a terminal through a console that reads no markup and no emoji codes (se
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from collections.abc import Iterator
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 from rich.table import Table
 
 from lorabake.text import sanitize
@@ -50,51 +40,6 @@ def _out(line: str = "") -> None:
         print(line)
 
 
-# -- progress ------------------------------------------------------------------------------
-class _Bar:
-    def __init__(self, enabled: bool, label: str) -> None:
-        self.enabled = enabled
-        self.label = label
-        self._progress: Progress | None = None
-        self._task = None
-
-    def start_for(self, plan) -> None:
-        """Start once the merge plan is known: the total is the base's data size."""
-        self.start_total(plan.base.data_size)
-
-    def start_total(self, total: int) -> None:
-        if not self.enabled:
-            return
-        self._progress = Progress(
-            TextColumn(self.label),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            transient=True,
-        )
-        self._progress.start()
-        self._task = self._progress.add_task(self.label, total=total)
-
-    def advance(self, nbytes: int) -> None:
-        if self._progress is not None:
-            self._progress.advance(self._task, nbytes)
-
-    def stop(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-
-
-@contextlib.contextmanager
-def progress_bar(*, enabled: bool, label: str = "baking") -> Iterator[_Bar]:
-    bar = _Bar(enabled, label)
-    try:
-        yield bar
-    finally:
-        bar.stop()
-
-
 # -- merge ---------------------------------------------------------------------------------
 def merge_json(result) -> dict:
     from lorabake.quant.report import vanished_loras  # torch-free CLI import: only when rendering a merge
@@ -121,6 +66,8 @@ def merge_json(result) -> dict:
                 "architecture_note": lp.lora.arch_note,
                 "strength": lp.spec.strength,
                 "te_strength": lp.spec.te_strength if lp.spec.te_strength is not None else lp.spec.strength,
+                "blocks": lp.block_weights and lp.block_weights.as_json(set(plan.block_of.values())),
+                "blocks_text": lp.block_weights and lp.block_weights.describe(set(plan.block_of.values())),
                 "data_sha256": result.lora_data_sha256[i] if i < len(result.lora_data_sha256) else None,
                 "modules": len(lp.lora.modules),
                 "applied": lp.counts().get("applied", {}),
@@ -164,6 +111,8 @@ def print_merge(result) -> None:
             f"lora: {_one(lora['path'])} [{lora['flavour']}, {lora['architecture']}] "
             f"strength {lora['strength']:g} / te {lora['te_strength']:g}"
         )
+        if lora["blocks"]:
+            _out(f"  blocks {_esc(lora['blocks']['spec'])}: {lora['blocks_text']}")
         if lora["architecture_note"]:
             _out(f"  note: {_esc(lora['architecture_note'])}")
         _out(f"  applied:   {_counts_text(lora['applied'])}")

@@ -24,17 +24,17 @@ LAYERS: list[tuple[str, ...]] = [
     # 2: reading names and descriptions: checkpoint detection, LoRA grammar, recipes and jobs; math on tensors
     (
         "detect", "lora_format", "delta", "rounding", "svd", "lowrank", "fold", "bake_kernel",
-        "jobs", "recipe", "shards", "provenance", "lora_data", "spread",
+        "jobs", "recipe", "shards", "provenance", "lora_data", "spread", "block_spec",
         "quant",  # stored formats: codecs (math on tensors over rounding) and the GGUF reader/writer
     ),
     # 3: the rule table
     ("keymap",),
     # 4: what a LoRA is for (matching against rule tables), and the plan
-    ("lora_base", "plan", "extract_plan", "convert_plan"),
+    ("lora_base", "blocks", "plan", "extract_plan", "convert_plan"),
     # 5: use cases: where files meet math
     ("ops", "extract", "inspection", "explain", "batch", "fanout", "loratools", "convert"),
     # 6: presentation
-    ("render", "batch_render", "lora_args", "cli_loratools", "cli", "__main__"),
+    ("progress", "render", "batch_render", "lora_args", "cli_loratools", "cli", "__main__"),
 ]
 
 

@@ -85,7 +85,8 @@ parts = [
     ("text", "needle"),
     [
         ('[[bake]]\nbase="a.safetensors"\nloras=["b.safetensors"]\noutput="o.safetensors"\nstrenght=1\n', "unknown key 'strenght'"),
-        ('[[bake]]\nbase="a.safetensors"\nloras=["b.safetensors"]\noutput="o.safetensors"\nblock_strengths=[1]\n', "per-block"),
+        ('[[bake]]\nbase="a.safetensors"\nloras=["b.safetensors@double:5-2=1"]\noutput="o.safetensors"\n', "runs backwards"),
+        ('[[bake]]\nbase="a.safetensors"\nloras=[{path="b.safetensors", blocks=[1]}]\noutput="o.safetensors"\n', "'blocks' is a string"),
         ('[[bake]]\nbase="a.safetensors"\nloras=["b.safetensors"]\noutput="o.safetensors"\nquantization="q8_0"\n', "quantized"),
         ('[[bake]]\nbase="a.safetensors"\nloras=["b.safetensors"]\noutput="o.safetensors"\ndtype="fp12"\n', "dtype 'fp12'"),
         ('[[bake]]\nbase="a.safetensors"\nloras=[]\noutput="o.safetensors"\n', "non-empty list"),

@@ -105,7 +105,9 @@ class Variant(NamedTuple):
 
 
 class BlockGroup(NamedTuple):
-    """Modules a per-block strength addresses: `name` ({n} = index) -> module prefix in native naming."""
+    """Modules a per-block strength addresses: `name` ({n} = index) -> a module path prefix in any of
+    the family's namings (a module belongs to the first group a name of it starts with). Names end in
+    their index (`IN04`, `double3`): `double:0-7` addresses double0…double7."""
 
     name: str
     prefix: str
@@ -132,6 +134,10 @@ class Family(NamedTuple):
     extract_conv_targets: tuple[str, ...] = ()
     variants: tuple[Variant, ...] = ()
     block_groups: tuple[BlockGroup, ...] = ()
+    # per-block strength vectors (sd-webui-lora-block-weight's): length -> the block each value is for
+    # ("BASE": every text encoder; "te1"…: one); blocks a vector does not list get 0, modules in no block 1
+    block_vectors: Mapping[int, tuple[str, ...]] = {}
+    block_presets: Mapping[str, str] = {}  # preset name -> a vector or a NAME=VALUE list
     implementation: str = "diffusers"  # modelspec.implementation written by extract
     resolution: str = "1024x1024"  # modelspec.resolution written by extract
     order: int = 100  # position in reports and in tie lists; decides nothing

@@ -123,6 +123,19 @@ _EXTRACT_TARGETS = tuple(
     f"{s}_{m}.weight" for s in ("img", "txt") for m in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2", "mod.lin")
 ) + ("linear1.weight", "linear2.weight", "modulation.lin.weight")
 
+# Per-block strengths: the streams by index; IN (the input embedders) and OUT (the final layer) as
+# sd-webui-lora-block-weight's 61-value FLUX vector names them (CLIP, T5, IN, D00-D18, S00-S37, OUT).
+_BLOCK_GROUPS = (
+    BlockGroup("double{n}", "double_blocks.{n}."),
+    BlockGroup("single{n}", "single_blocks.{n}."),
+    BlockGroup("double{n}", _D),
+    BlockGroup("single{n}", _S),
+    *(BlockGroup("IN", p) for p in ("img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.")),
+    *(BlockGroup("IN", p) for p in ("x_embedder.", "context_embedder.", "time_text_embed.")),
+    BlockGroup("OUT", "final_layer."),
+    *(BlockGroup("OUT", p) for p in ("norm_out.", "proj_out.")),
+)
+
 FAMILY = Family(
     arch="flux",
     title="FLUX.1",
@@ -167,10 +180,8 @@ FAMILY = Family(
             naming="bfl",
         ),
     ),
-    block_groups=(
-        BlockGroup("double{n}", "double_blocks.{n}."),
-        BlockGroup("single{n}", "single_blocks.{n}."),
-    ),
+    block_groups=_BLOCK_GROUPS,
+    block_vectors={61: ("te1", "te3", "IN", *(f"double{n}" for n in range(19)), *(f"single{n}" for n in range(38)), "OUT")},
     implementation="https://github.com/black-forest-labs/flux",
     order=50,
     # diffusers' Flux pipeline and ai-toolkit write the same PEFT names; ai-toolkit says so in its

@@ -1,6 +1,6 @@
 """Stable Diffusion 1.x: LDM UNet + HF CLIP-L."""
 
-from lorabake.arch import _sd_unet
+from lorabake.arch import _block_weights, _sd_unet
 from lorabake.arch.common import UNET_LORA_PREFIXES, Family, Layout, Probe, TextEncoder
 
 # Cross-attention K reads the text encoder's width: 768 (CLIP-L) for SD1, 1024 for SD2, 2048 for SDXL.
@@ -44,6 +44,8 @@ FAMILY = Family(
     extract_conv_targets=_sd_unet.EXTRACT_CONV_TARGETS,
     variants=_sd_unet.VARIANTS,
     block_groups=_sd_unet.unet_block_groups(BLOCKS),
+    block_vectors=_block_weights.SD_VECTORS,
+    block_presets=_block_weights.SD_PRESETS,
     resolution="512x512",
     order=10,
     structures=(_sd_unet.structure(BLOCKS, SHAPE),),

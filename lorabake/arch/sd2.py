@@ -1,6 +1,6 @@
 """Stable Diffusion 2.x: SD1's UNet (linear proj_in/out, cross-attn in 1024) + OpenCLIP-H."""
 
-from lorabake.arch import _sd_unet
+from lorabake.arch import _block_weights, _sd_unet
 from lorabake.arch.common import UNET_LORA_PREFIXES, Family, Layout, Probe, TextEncoder
 
 _LDM_TO_K = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
@@ -44,6 +44,8 @@ FAMILY = Family(
     extract_conv_targets=_sd_unet.EXTRACT_CONV_TARGETS,
     variants=_sd_unet.VARIANTS,
     block_groups=_sd_unet.unet_block_groups(BLOCKS),
+    block_vectors=_block_weights.SD_VECTORS,
+    block_presets=_block_weights.SD_PRESETS,
     resolution="512x512",
     order=20,
     structures=(_sd_unet.structure(BLOCKS, SHAPE),),

@@ -161,7 +161,7 @@ FAMILY = Family(
     ),
     lora_prefixes=DIT_LORA_PREFIXES,
     extract_targets=_EXTRACT_TARGETS,
-    block_groups=(BlockGroup("joint{n}", "joint_blocks.{n}."),),
+    block_groups=(BlockGroup("joint{n}", "joint_blocks.{n}."), BlockGroup("joint{n}", "transformer_blocks.{n}.")),
     implementation="https://github.com/Stability-AI/generative-models",
     order=40,
     structures=(_MEDIUM, _LARGE),

@@ -1,6 +1,6 @@
 """SDXL base 1.0: SGM layout, UNet with 3 levels (no attention at level 0) + CLIP-L + OpenCLIP-G."""
 
-from lorabake.arch import _sd_unet
+from lorabake.arch import _block_weights, _sd_unet
 from lorabake.arch.common import UNET_LORA_PREFIXES, Family, Layout, Probe, TextEncoder
 
 _SGM_TO_K = "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
@@ -45,6 +45,8 @@ FAMILY = Family(
     extract_conv_targets=_sd_unet.EXTRACT_CONV_TARGETS,
     variants=_sd_unet.VARIANTS,
     block_groups=_sd_unet.unet_block_groups(BLOCKS),
+    block_vectors=_block_weights.SDXL_VECTORS,
+    block_presets=_block_weights.SDXL_PRESETS,
     implementation="https://github.com/Stability-AI/generative-models",
     order=30,
     structures=(_sd_unet.structure(BLOCKS, SHAPE),),
