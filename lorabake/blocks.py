@@ -17,9 +17,11 @@ from functools import cache
 from lorabake.arch import FAMILIES
 from lorabake.arch.common import BlockGroup, Family
 from lorabake.block_spec import BlockSpec, BlockSpecError, parse
-from lorabake.detect import CheckpointInfo
+from lorabake.detect import CheckpointInfo, detect_checkpoint
 from lorabake.errors import UsageError
 from lorabake.keymap import modules_by_component, names_of
+from lorabake.lora_base import virtual_targets
+from lorabake.lora_format import LoraFile
 from lorabake.st_header import TensorInfo
 from lorabake.types import TEXT_ENCODERS
 
@@ -48,7 +50,7 @@ class BlockWeights:
         """Every block of the base with its multiplier, in block order."""
         return {
             "spec": self.text,
-            "blocks": {b: self.by_block.get(b, 1.0) for b in sorted(present, key=_order)},
+            "blocks": {b: self.by_block.get(b, 1.0) for b in sorted(present, key=block_order)},
             "text_encoders": dict(self.text_encoders),
             "other": self.other,
         }
@@ -57,10 +59,10 @@ class BlockWeights:
         """One line: `×0 IN00-IN11, M00; ×1 OUT00-OUT11; te ×1`, runs of blocks with one value joined."""
         runs: dict[float, list[list[str]]] = {}
         last: float | None = None
-        for block in sorted(present, key=_order):
+        for block in sorted(present, key=block_order):
             value = self.by_block.get(block, 1.0)
             group = runs.setdefault(value, [])
-            if value == last and _order(group[-1][-1])[0] == _order(block)[0]:
+            if value == last and block_order(group[-1][-1])[0] == block_order(block)[0]:
                 group[-1].append(block)
             else:
                 group.append([block])
@@ -87,6 +89,21 @@ def block_map(tensors: Mapping[str, TensorInfo], info: CheckpointInfo) -> dict[s
             block = next((b for n in names for b in [_block_of(matchers, n.name)] if b), None)
             if block is not None:
                 out[modules[module].key] = block
+    return out
+
+
+def lora_factors(lora: LoraFile, text: str, *, where: str) -> dict[str, float]:
+    """stem -> multiplier for a LoRA alone (combine, convert): blocks from its family's virtual checkpoint."""
+    header, targets = virtual_targets(lora)
+    if not targets:
+        raise UsageError(f"block spec {text!r} of {where}: its family is {lora.arch}, whose blocks lorabake does not know")
+    info = detect_checkpoint(header)
+    block_of = block_map(header, info)
+    weights = resolve(text, lora.arch, set(block_of.values()), set(info.components), lora=where)
+    out = {}
+    for stem in lora.modules:
+        target = targets.get(stem)
+        out[stem] = 1.0 if target is None else weights.factor(block_of.get(target.key), target.component)
     return out
 
 
@@ -182,7 +199,7 @@ def _stream_index(name: str) -> tuple[str, int] | None:
     return (m["stream"], int(m["index"])) if m and m["stream"] else None
 
 
-def _order(name: str) -> tuple[str, int]:
+def block_order(name: str) -> tuple[str, int]:
     """Blocks in reading order: by stream, then index (IN02 before IN10, double2 before double10)."""
     return _stream_index(name) or (name, -1)
 

@@ -34,6 +34,7 @@ Examples:
   lorabake inspect my_lora.safetensors --against sd_xl_base_1.0.safetensors
   lorabake inspect my_lora.safetensors --against sd_xl_base_1.0.safetensors --keys
   lorabake inspect *.safetensors --hash
+  lorabake inspect my_lora.safetensors --blocks
 """
 
 EXTRACT_EXAMPLES = """
@@ -176,12 +177,20 @@ def merge(base, loras, output, dtype, device, rounding, allow_unmatched, quant, 
 @click.option("--hash", "with_hash", is_flag=True, help="Add SHA-256, AutoV2 and the data-section SHA-256.")
 @click.option("--against", type=click.Path(), help="For LoRAs: show which modules fit this base checkpoint.")
 @click.option("--keys", is_flag=True, help="With --against: each module's tensor, rows and the rule that sent it there.")
-def inspect(files, as_json, with_hash, against, keys):
+@click.option("--blocks", "with_blocks", is_flag=True,
+              help="For LoRAs: the share of ‖ΔW‖² in each block (reads the factors), to choose @BLOCKS strengths.")
+def inspect(files, as_json, with_hash, against, keys, with_blocks):
     """Say what each file is, from its header: checkpoint or LoRA, architecture, layout, modules."""
     from lorabake import inspection as inspecting
     from lorabake import render
 
     reports = [inspecting.inspect_file(path, with_hash=with_hash, against=against, keys=keys) for path in files]
+    if with_blocks:
+        from lorabake.block_energy import block_energy
+
+        for rep in reports:
+            if rep["kind"] == "lora":
+                rep["block_energy"] = block_energy(rep["path"])
     with stdio.report():
         if as_json:
             click.echo(to_json({"files": reports}))

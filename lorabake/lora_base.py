@@ -242,6 +242,19 @@ _ALL_PREFIXES = frozenset(
 )
 
 
+def virtual_targets(lora: LoraFile) -> tuple[dict[str, TensorInfo], dict[str, Target]]:
+    """A LoRA alone: its family's virtual checkpoint (the variant placing most modules) and each module's target."""
+    if lora.arch not in FAMILIES or not FAMILIES[lora.arch].structures:
+        return {}, {}
+    used = frozenset(p for p in _ALL_PREFIXES if any(stem.startswith(p) for stem in lora.modules))
+    best: tuple[dict[str, TensorInfo], dict[str, Target]] = ({}, {})
+    for header, keymap in _virtual_keymaps(lora.arch, used):
+        placed = {stem: keymap.targets[stem] for stem in lora.modules if stem in keymap.targets}
+        if len(placed) > len(best[1]):
+            best = (header, placed)
+    return best
+
+
 @cache
 def _virtual_keymaps(arch: str, prefixes: frozenset[str]) -> tuple[tuple[dict[str, TensorInfo], KeyMap], ...]:
     """(header, rule table under `prefixes`) of each declared variant of family `arch`, built once."""

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lorabake import __version__, dtypes, lowrank
+from lorabake import __version__, blocks, dtypes, lowrank
 from lorabake.adapters.scale import scale_of
 from lorabake.errors import LoraFormatError, UsageError
 from lorabake.lora_base import identify, module_component_hint
@@ -138,6 +138,8 @@ def run(opts: ToolOptions) -> ToolResult:
         loras = [identify(parse_lora(r.tensors, r.metadata, path=r.path), r.tensors)[0] for r in readers]
         _check_supported(loras)
         modules, namings, input_shas = _collect(opts, readers, loras)
+        if not modules:
+            raise UsageError("every module is at strength 0 (strengths and block specs): the output would change nothing")
         result = ToolResult(opts)
         items = _build(opts, modules, namings, result, readers, loras)
         _write(opts, items, result, loras, input_shas)
@@ -178,12 +180,15 @@ def _collect(opts, readers, loras):
         for name in sorted(reader.tensors, key=lambda n: reader.tensors[n].start):
             sha.update(tensor_bytes(data[name]))
         shas.append(sha.hexdigest())
+        factors = blocks.lora_factors(lora, spec.blocks, where=spec.path) if spec.blocks else {}
         for stem, m in lora.modules.items():
             up, down = data[m.parts["up"]], data[m.parts["down"]]
             _check_factors(lora, m, up, down)
             scale = _scale(lora, m, data)
             component = module_component_hint(stem) or "unet"
-            coef = spec.strength_for(component) * scale
+            coef = spec.strength_for(component) * scale * factors.get(stem, 1.0)
+            if coef == 0.0:
+                continue  # a removed block (or strength 0): the module is left out, not written as zeros
             rank = down.shape[0]
             term = _Term(coef, up.reshape(up.shape[0], rank).float(), down.reshape(rank, -1).float(),
                          tuple(down.shape[1:]), tuple(up.shape[2:]))
@@ -314,7 +319,7 @@ def _metadata(opts, result: ToolResult, loras: list[LoraFile], input_shas: list[
             "version": __version__,
             "inputs": [
                 {"file": os.path.basename(s.path), "data_sha256": h, "strength": s.strength,
-                 "te_strength": s.te_strength}
+                 "te_strength": s.te_strength, **({"blocks": s.blocks} if s.blocks else {})}
                 for s, h in zip(opts.inputs, input_shas)
             ],
             "rank": opts.rank,

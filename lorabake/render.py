@@ -158,6 +158,18 @@ def print_inspect(reports: list[dict]) -> None:
             _rich_report(rep)
         else:
             _plain_report(rep)
+        if rep.get("block_energy"):
+            _block_energy(rep["block_energy"])
+
+
+def _block_energy(doc: dict) -> None:
+    """Share of ‖ΔW‖² per block, with a bar: where the LoRA acts, to choose @BLOCKS strengths."""
+    _out(f"energy per block ({_esc(doc['architecture'])}; ‖ΔW‖² at strength 1):")
+    for row in doc["blocks"]:
+        bar = "#" * round(40 * row["share"])
+        _out(f"  {_esc(row['block']):<12} {row['modules']:>5} modules {100 * row['share']:6.2f}%  {bar}")
+    if doc["unmeasured"]:
+        _out(f"  not measured (the change depends on the base weight): {len(doc['unmeasured'])} modules")
 
 
 def _size(n: int) -> str:

@@ -263,3 +263,38 @@ def test_recipe_entries_carry_blocks(tmp_path, sd1):
         with safe_open(str(tmp_path / name), "pt") as f:
             entry = json.loads(f.metadata()["lorabake.recipe"])
         assert entry["loras"] == [f"{lora}:0.8@OUTD"]
+
+
+def test_combine_with_blocks_bakes_like_merge_with_blocks(tmp_path, sd1):
+    """One LoRA made with @OUTD bakes to what baking the original @OUTD gives; removed blocks are left out."""
+    base, tensors, lora, lora_tensors, stems = sd1
+    combined = str(tmp_path / "outd.safetensors")
+    code, _, err = run_main(["combine", f"{lora}:0.8@OUTD", "-o", combined, "--dtype", "fp32"])
+    assert code == 0, err
+    kept = {k.split(".")[0] for k in load_file(combined)}
+    expected_kept = {stem for stem, key in stems.items() if vector_factor(BLOCKID17, OUTD, lbw_block(key)) != 0}
+    assert kept == expected_kept
+    out = str(tmp_path / "out.safetensors")
+    code, _, err = run_main(["merge", base, "--lora", combined, "-o", out, "--dtype", "fp32"])
+    assert code == 0, err
+    check_bake(out, tensors, lora_tensors, stems, 0.8, lambda key: vector_factor(BLOCKID17, OUTD, lbw_block(key)))
+
+
+def test_inspect_blocks_gives_each_blocks_share_of_the_change(sd1):
+    _, tensors, lora, lora_tensors, stems = sd1
+    code, out, err = run_main(["inspect", lora, "--blocks", "--json"])
+    assert code == 0, err
+    doc = json.loads(out)["files"][0]["block_energy"]
+    assert doc["architecture"] == "sd1" and doc["unmeasured"] == []
+    want: dict[str, float] = {}
+    for stem, key in stems.items():
+        block = lbw_block(key)
+        name = "te1" if block == "BASE" else (block or "(no block)")
+        want[name] = want.get(name, 0.0) + float(delta_of(lora_tensors, stem, tensors[key].shape).pow(2).sum())
+    total = sum(want.values())
+    got = {row["block"]: row["share"] for row in doc["blocks"]}
+    assert got.keys() == want.keys()
+    for name, energy in want.items():
+        assert got[name] == pytest.approx(energy / total, rel=1e-9), name
+    code, text, err = run_main(["inspect", lora, "--blocks"])
+    assert code == 0 and "energy per block (sd1" in text and "OUT11" in text, err
