@@ -154,6 +154,7 @@ def _merge_options(job: Job, opts: BatchOptions, *, dry_run: bool, extra=()):
         loras=tuple(LoraSpec(path=u.resolved, strength=u.strength, te_strength=u.te_strength, blocks=u.blocks) for u in job.loras),
         output=None if dry_run else job.output_path,
         dtype=job.dtype,
+        quant=job.quant,
         device=opts.device,
         rounding=job.rounding,
         allow_unmatched=job.allow_unmatched,
@@ -190,7 +191,12 @@ def _by_base(todo: list[Job], fan_out: int) -> list[list[Job]]:
     for job in todo:
         groups.setdefault(job.base.resolved, []).append(job)
     size = max(1, fan_out)
-    return [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]
+    out = []
+    for g in groups.values():
+        plain = [j for j in g if not j.quant]
+        out += [plain[i : i + size] for i in range(0, len(plain), size)]
+        out += [[j] for j in g if j.quant]  # a quantizing writer bakes one output per read of the base
+    return out
 
 
 def _bake_group(group: list[Job], opts: BatchOptions, rows: dict[int, JobReport], report: BatchReport,
@@ -206,7 +212,12 @@ def _bake_group(group: list[Job], opts: BatchOptions, rows: dict[int, JobReport]
         specs.append(_merge_options(job, opts, dry_run=False, extra=extra))
     events.base_started(group[0].base.resolved, rows[group[0].index].base_bytes, len(group))
     try:
-        results = fanout.merge_many(specs, progress=events.advance)
+        if group[0].quant:
+            from lorabake import ops
+
+            results = [ops.merge(specs[0], progress=events.advance)]
+        else:
+            results = fanout.merge_many(specs, progress=events.advance)
     except LorabakeError as exc:
         exc.message = f"{', '.join(j.where for j in group)}: {exc.message}"
         raise

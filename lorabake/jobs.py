@@ -72,6 +72,7 @@ class Job:
     rounding: str
     allow_unmatched: bool
     pins: tuple[Pin, ...] = ()
+    quant: str | None = None  # quantize on the way out (merge --quant)
 
     @property
     def inputs(self) -> tuple[Use, ...]:
@@ -90,6 +91,7 @@ class Job:
             loras=[u.lora_text for u in self.loras],
             output=self.output,
             dtype=self.dtype,
+            **({"quant": self.quant} if self.quant else {}),  # absent when unset: older entries keep their hash
             rounding=self.rounding,
             allow_unmatched=self.allow_unmatched,
         )

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from lorabake.errors import HeaderError, InputError, OutputError
 from lorabake.jobs import INPUTS_KEY, RECIPE_HASH_KEY, RECIPE_KEY, Job, Pin
+from lorabake.quant.gguf_file import is_gguf, open_gguf
 from lorabake.st_header import read_header
 from lorabake.st_writer import TMP_MARKER
 
@@ -60,14 +61,22 @@ class Existing:
     reason: str = ""
 
 
+def _output_metadata(path: str) -> dict[str, str]:
+    if not is_gguf(path):
+        return read_header(path).metadata
+    base = open_gguf(path)
+    base.close()
+    return base.metadata
+
+
 def existing_output(job: Job, prints: list[dict]) -> Existing:
     path = job.output_path
     if not os.path.exists(path):
         return Existing("absent")
     try:
-        meta = read_header(path).metadata
+        meta = _output_metadata(path)
     except (HeaderError, OSError):
-        return Existing("other", "it is not a readable safetensors file")
+        return Existing("other", "it is not a readable safetensors or GGUF file")
     if meta.get(RECIPE_HASH_KEY) is None:
         return Existing("other", "it was not made by a recipe")
     if meta.get(RECIPE_HASH_KEY) != job.entry_sha256:

@@ -23,7 +23,7 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 # Keys each table accepts. Options are the `lorabake merge` flags that change the output bytes.
-OPTION_KEYS = ("dtype", "rounding", "allow_unmatched")
+OPTION_KEYS = ("dtype", "quant", "rounding", "allow_unmatched")
 TOP_KEYS = ("defaults", "pins", "bake", "matrix")
 BAKE_KEYS = ("name", "base", "loras", "output", "parts", *OPTION_KEYS)
 PART_KEYS = ("base", "loras", "output", *OPTION_KEYS)
@@ -31,12 +31,11 @@ MATRIX_KEYS = ("name", "bases", "loras", "strengths", "output", *OPTION_KEYS)
 PIN_KINDS = ("sha256", "data_sha256")
 # Keys people will write that lorabake does not support yet, with the reason (refused, never ignored).
 NOT_YET = {
-    "quantization": "quantized outputs are not supported yet; use dtype",
-    "quant": "quantized outputs are not supported yet; use dtype",
+    "quantization": "the key is 'quant' (fp8, nvfp4, mxfp8, int8, or a GGUF type such as Q8_0, Q4_K_M)",
     "device": "the device is a command-line choice (bake --device), not part of a recipe",
 }
 # Fields an output template may use.
-TEMPLATE_FIELDS = ("name", "base", "loras", "strength", "dtype")
+TEMPLATE_FIELDS = ("name", "base", "loras", "strength", "dtype", "quant")
 _FIELD = re.compile(r"\{([^{}]*)\}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -162,7 +161,10 @@ def _job(name, entry: dict, where: str, ctx: _Ctx, *, strength: float, set_name,
     allow = options.get("allow_unmatched", False)
     if not isinstance(allow, bool):
         raise UsageError(f"{where}: allow_unmatched must be true or false", path=ctx.path)
-    fields = {"name": name or "", "dtype": dtype, "base": _stem(base),
+    quant = options.get("quant")
+    if quant is not None and (not isinstance(quant, str) or not quant.strip()):
+        raise UsageError(f"{where}: quant is a format name (fp8, nvfp4, mxfp8, int8, Q8_0, Q4_K_M, …)", path=ctx.path)
+    fields = {"name": name or "", "dtype": dtype, "quant": quant or "", "base": _stem(base),
               "loras": set_name or "+".join(_stem(u.text) for u in loras), **(fields or {})}
     output = _expand(_path_text(entry["output"], f"{where} output", ctx.path), fields, where, ctx.path)
     base_use = LoraUse(text=base, resolved=_resolve(ctx.folder, base), strength=1.0)
@@ -170,6 +172,7 @@ def _job(name, entry: dict, where: str, ctx: _Ctx, *, strength: float, set_name,
     return Job(
         index=0, where=where, name=name, base=base_use, loras=loras, output=output,
         output_path=_resolve(ctx.folder, output), dtype=dtype, rounding=rounding, allow_unmatched=allow, pins=pins,
+        quant=quant,
     )
 
 
@@ -227,8 +230,8 @@ def _check_outputs(jobs: list[Job], path: str) -> None:
         seen[key] = job
         if job.output_path in inputs:
             raise UsageError(f"{job.where}: output {job.output!r} is an input of the recipe", path=path)
-        if not job.output.endswith(".safetensors"):
-            raise UsageError(f"{job.where}: output {job.output!r} must end in .safetensors", path=path)
+        if not job.output.endswith((".safetensors", ".gguf")):
+            raise UsageError(f"{job.where}: output {job.output!r} must end in .safetensors (or .gguf with a GGUF quant)", path=path)
 
 
 def _expand(template: str, fields: dict[str, str], where: str, path: str) -> str:

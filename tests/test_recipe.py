@@ -87,7 +87,7 @@ parts = [
         ('[[bake]]\nbase="a.safetensors"\nloras=["b.safetensors"]\noutput="o.safetensors"\nstrenght=1\n', "unknown key 'strenght'"),
         ('[[bake]]\nbase="a.safetensors"\nloras=["b.safetensors@double:5-2=1"]\noutput="o.safetensors"\n', "runs backwards"),
         ('[[bake]]\nbase="a.safetensors"\nloras=[{path="b.safetensors", blocks=[1]}]\noutput="o.safetensors"\n', "'blocks' is a string"),
-        ('[[bake]]\nbase="a.safetensors"\nloras=["b.safetensors"]\noutput="o.safetensors"\nquantization="q8_0"\n', "quantized"),
+        ('[[bake]]\nbase="a.safetensors"\nloras=["b.safetensors"]\noutput="o.safetensors"\nquantization="q8_0"\n', "the key is 'quant'"),
         ('[[bake]]\nbase="a.safetensors"\nloras=["b.safetensors"]\noutput="o.safetensors"\ndtype="fp12"\n', "dtype 'fp12'"),
         ('[[bake]]\nbase="a.safetensors"\nloras=[]\noutput="o.safetensors"\n', "non-empty list"),
         ('[[bake]]\nbase="a.safetensors"\nloras=["b.safetensors"]\n', "missing 'output'"),

@@ -25,6 +25,9 @@ ARCH_KEY = "general.architecture"
 _HEADER_FIELDS = ("GGUF.version", "GGUF.tensor_count", "GGUF.kv_count", ARCH_KEY)
 
 
+OWN_KEYS = ("lorabake.", "modelspec.")
+
+
 def is_gguf(path: str) -> bool:
     return str(path).lower().endswith(".gguf")
 
@@ -73,7 +76,11 @@ class GGUFBase:
                 raise HeaderError(f"{ORIG_SHAPE}{t.name} {list(shape)} does not hold {list(stored)}", path=self.path)
             self.entries[t.name] = GGUFTensor(t.name, kind, stored, shape, int(t.data_offset), int(t.n_bytes))
         del reader  # drops the memmap
-        self.metadata: dict[str, str] = {}
+        # the string keys lorabake and modelspec write (provenance, recipe entries), as safetensors metadata
+        self.metadata: dict[str, str] = {
+            f.name: f.value for f in self.fields
+            if f.vtype == gguf.GGUFValueType.STRING and f.name.startswith(OWN_KEYS) and isinstance(f.value, str)
+        }
         self.tensors = {
             n: TensorInfo(n, _planning_tag(e.kind), e.shape, e.offset, e.offset + e.nbytes) for n, e in self.entries.items()
         }
