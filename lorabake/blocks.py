@@ -158,15 +158,17 @@ def _from_items(spec: BlockSpec, present: set[str], te: list[str], where: str) -
     streams = _streams(present)
     for item in spec.items:
         if item.ranged:
-            indices = streams.get(item.name)
+            # `blocks:0-9` and `block:0-9` alike: a family names its stream one way, people write both
+            name = next((n for n in (item.name, item.name.removesuffix("s"), item.name + "s") if n in streams), item.name)
+            indices = streams.get(name)
             if indices is None:
                 raise UsageError(f"{where}: the base has no stream {item.name!r} ({_say(streams)})")
             lo, hi = item.first, item.last
             if lo is not None and (lo < indices[0] or hi > indices[-1]):
-                raise UsageError(f"{where}: {item.name} has blocks {min(indices)}-{max(indices)}, not {lo}-{hi}")
+                raise UsageError(f"{where}: {name} has blocks {min(indices)}-{max(indices)}, not {lo}-{hi}")
             for name in present:
                 stream, index = _stream_index(name) or ("", -1)
-                if stream == item.name and (lo is None or lo <= index <= hi):
+                if stream == name and (lo is None or lo <= index <= hi):
                     by_block[name] = item.value
         elif item.name == "*":
             by_block.update(dict.fromkeys(present, item.value))

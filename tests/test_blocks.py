@@ -298,3 +298,12 @@ def test_inspect_blocks_gives_each_blocks_share_of_the_change(sd1):
         assert got[name] == pytest.approx(energy / total, rel=1e-9), name
     code, text, err = run_main(["inspect", lora, "--blocks"])
     assert code == 0 and "energy per block (sd1" in text and "OUT11" in text, err
+
+
+def test_stream_names_singular_or_plural(flux):
+    from lorabake import blocks
+
+    present = {"double0", "double1", "single0"}
+    a = blocks.resolve("doubles:1-1=0", "flux", present, set(), lora="x")
+    b = blocks.resolve("double:1-1=0", "flux", present, set(), lora="x")
+    assert a.by_block == b.by_block == {"double1": 0.0}
