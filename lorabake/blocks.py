@@ -166,10 +166,10 @@ def _from_items(spec: BlockSpec, present: set[str], te: list[str], where: str) -
             lo, hi = item.first, item.last
             if lo is not None and (lo < indices[0] or hi > indices[-1]):
                 raise UsageError(f"{where}: {name} has blocks {min(indices)}-{max(indices)}, not {lo}-{hi}")
-            for name in present:
-                stream, index = _stream_index(name) or ("", -1)
+            for block in present:
+                stream, index = _stream_index(block) or ("", -1)
                 if stream == name and (lo is None or lo <= index <= hi):
-                    by_block[name] = item.value
+                    by_block[block] = item.value
         elif item.name == "*":
             by_block.update(dict.fromkeys(present, item.value))
         elif item.name == OTHER:
