@@ -1,8 +1,9 @@
 """`lorabake combine` and `lorabake resize`: LoRA files in, one LoRA file out, without a base.
 
-Flow: parse every input from its header; refuse what these tools cannot carry (adapter types other
-than LoRA/LoCon factors, Tucker cores, DoRA, inputs trained for different families) before reading
-data; then, module by module, fold each input's strength and alpha/rank into its `up`, stack the
+Flow: parse every input from its header; refuse what a LoRA file cannot carry (DoRA and the
+weight-dependent types, bias deltas, inputs trained for different families) before reading data;
+then, module by module, take exact low-rank factors of each input (`module_factors`: LoHa, LoKr,
+Tucker and full diffs too, reported as such), fold its strength and alpha/rank into `up`, stack the
 factors exactly (`lowrank.stack`) and, when a rank is asked for, reduce them optimally
 (`lowrank.reduce`); lay the output out in name order, hash it, and write it with the same writer
 as `merge` (temporary file, rename, inputs protected).
@@ -31,18 +32,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lorabake import __version__, blocks, dtypes, lowrank
+from lorabake import __version__, adapters, blocks, dtypes, lowrank
 from lorabake.adapters.scale import scale_of
 from lorabake.errors import LoraFormatError, UsageError
-from lorabake.lora_base import identify, module_component_hint
+from lorabake.lora_base import identify, module_component_hint, virtual_targets
 from lorabake.lora_format import LoraFile, parse_lora
+from lorabake.module_factors import module_factors
 from lorabake.plan import LoraSpec
 from lorabake.st_reader import SafetensorsReader, check_input_path
 from lorabake.st_writer import SafetensorsWriter, check_output_path, tensor_bytes
 from lorabake.svd import RANK_MODES
 
 OUTPUT_DTYPES = ("keep", "fp16", "bf16", "fp32")
-_FACTOR_PARTS = frozenset({"up", "down", "alpha"})
 # metadata keys that say which base a LoRA is for: carried over when every input agrees
 _BASE_KEYS = ("ss_base_model_version", "modelspec.architecture", "ss_v2")
 
@@ -104,6 +105,7 @@ class _Naming:
     alpha: str | None
     factor_dtype: torch.dtype
     alpha_dtype: torch.dtype | None
+    kind: str = "lora"  # the adapter type it was spelled from
 
 
 def validate(opts: ToolOptions) -> None:
@@ -159,12 +161,14 @@ def _check_supported(loras: list[LoraFile]) -> None:
             key = lora.unknown_keys[0]
             raise LoraFormatError("tensor belongs to no LoRA module", path=lora.path, tensor=key)
         for m in lora.modules.values():
-            if m.algo != "lora" or m.dora or not set(m.parts) <= _FACTOR_PARTS:
-                kind = "DoRA" if m.dora else ("Tucker LoCon" if "mid" in m.parts else m.algo)
+            bias = sorted(set(m.parts) & set(adapters.BIAS_PARTS))
+            if m.dora or m.algo in adapters.WEIGHT_DEPENDENT_ALGOS or bias:
+                kind = "DoRA" if m.dora else (f"{m.algo} with a bias delta ({bias[0]})" if bias else m.algo)
                 raise LoraFormatError(
-                    f"module {m.stem!r} is {kind}; combine and resize work on LoRA/LoCon factors only",
+                    f"module {m.stem!r} is {kind}: its change depends on the base weight or is not a low-rank "
+                    "ΔW, which a LoRA file cannot carry",
                     path=lora.path,
-                    tensor=m.parts.get("up") or next(iter(m.parts.values())),
+                    tensor=next(iter(m.parts.values())),
                     hint="bake it into a base with `lorabake merge` instead",
                 )
 
@@ -181,51 +185,59 @@ def _collect(opts, readers, loras):
             sha.update(tensor_bytes(data[name]))
         shas.append(sha.hexdigest())
         factors = blocks.lora_factors(lora, spec.blocks, where=spec.path) if spec.blocks else {}
+        header, targets = virtual_targets(lora)
         for stem, m in lora.modules.items():
-            up, down = data[m.parts["up"]], data[m.parts["down"]]
-            _check_factors(lora, m, up, down)
-            scale = _scale(lora, m, data)
+            parts = {p: data[k] for p, k in m.parts.items()}
+            _check_factors(lora, m, parts)
+            scale = _scale(lora, m, parts)
             component = module_component_hint(stem) or "unet"
             coef = spec.strength_for(component) * scale * factors.get(stem, 1.0)
             if coef == 0.0:
                 continue  # a removed block (or strength 0): the module is left out, not written as zeros
-            rank = down.shape[0]
-            term = _Term(coef, up.reshape(up.shape[0], rank).float(), down.reshape(rank, -1).float(),
-                         tuple(down.shape[1:]), tuple(up.shape[2:]))
+            target = targets.get(stem)
+            f = module_factors(m.algo, parts, tuple(header[target.key].shape) if target and not target.slice else None)
+            term = _Term(coef, f.up, f.down, f.kernel, f.out_shape)
             terms = modules.setdefault(stem, [])
             if terms and (terms[0].kernel, terms[0].up.shape[0]) != (term.kernel, term.up.shape[0]):
                 raise LoraFormatError(
-                    f"module {stem!r} has shape {tuple(up.shape[:1]) + term.kernel} here but "
-                    f"{tuple(terms[0].up.shape[:1]) + terms[0].kernel} in an earlier input",
-                    path=lora.path, tensor=m.parts["down"],
+                    f"module {stem!r} has shape {(term.up.shape[0], *term.kernel)} here but "
+                    f"{(terms[0].up.shape[0], *terms[0].kernel)} in an earlier input",
+                    path=lora.path, tensor=next(iter(m.parts.values())),
                 )
             terms.append(term)
-            if stem not in namings:
-                alpha_key = m.parts.get("alpha")
-                namings[stem] = _Naming(
-                    up=m.parts["up"][len(stem):],
-                    down=m.parts["down"][len(stem):],
-                    alpha=alpha_key[len(stem):] if alpha_key else None,
-                    factor_dtype=up.dtype,
-                    alpha_dtype=data[alpha_key].dtype if alpha_key else None,
-                )
+            if stem not in namings or (namings[stem].kind != "lora" and m.algo == "lora"):
+                namings[stem] = _naming(stem, m, parts)
     return modules, namings, shas
 
 
-def _check_factors(lora: LoraFile, m, up: torch.Tensor, down: torch.Tensor) -> None:
-    if not (up.dtype.is_floating_point and down.dtype.is_floating_point):
-        raise LoraFormatError(f"module {m.stem!r} has non-float factors", path=lora.path, tensor=m.parts["up"])
-    if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
-        raise LoraFormatError(f"NaN or Inf in module {m.stem!r}", path=lora.path, tensor=m.parts["up"])
+def _check_factors(lora: LoraFile, m, parts: dict[str, torch.Tensor]) -> None:
+    for part, t in parts.items():
+        if part in ("alpha", "scale"):
+            continue
+        if not t.dtype.is_floating_point:
+            raise LoraFormatError(f"module {m.stem!r} has non-float factors", path=lora.path, tensor=m.parts[part])
+        if not torch.isfinite(t).all():
+            raise LoraFormatError(f"NaN or Inf in module {m.stem!r}", path=lora.path, tensor=m.parts[part])
 
 
-def _scale(lora: LoraFile, m, data: dict[str, torch.Tensor]) -> float:
+def _naming(stem: str, m, parts: dict[str, torch.Tensor]) -> _Naming:
+    """The first LoRA input's spelling of a module; a module only other types carry becomes kohya LoRA."""
+    alpha_key = m.parts.get("alpha")
+    alpha_dtype = parts["alpha"].dtype if alpha_key else None
+    if m.algo == "lora":
+        return _Naming(m.parts["up"][len(stem):], m.parts["down"][len(stem):],
+                       alpha_key[len(stem):] if alpha_key else None, parts["up"].dtype, alpha_dtype, "lora")
+    dtype = next(t.dtype for p, t in parts.items() if p not in ("alpha", "scale"))
+    return _Naming(".lora_up.weight", ".lora_down.weight", ".alpha", dtype, alpha_dtype or dtype, m.algo)
+
+
+def _scale(lora: LoraFile, m, parts: dict[str, torch.Tensor]) -> float:
     """The module's own multiplier, by the one rule in `adapters.scale` (alpha tensor, else PEFT's scale)."""
-    rank = data[m.parts["down"]].shape[0]
+    rank = adapters.rank_of(m.algo, {p: tuple(t.shape) for p, t in parts.items()})
     scalars: dict[str, float] = {}
     for part in ("alpha", "scale"):
         if part in m.parts:
-            t = data[m.parts[part]]
+            t = parts[part]
             if t.numel() != 1:
                 raise LoraFormatError(f"{part} is not a scalar", path=lora.path, tensor=m.parts[part])
             scalars[part] = float(t.float().reshape(()))
@@ -261,6 +273,7 @@ def _build(opts, modules, namings, result, readers, loras) -> list[tuple[str, to
             new_up, new_down, rank, action = reduced.up, reduced.down, reduced.rank, "reduced"
             error = reduced.relative_error
         norm = math.sqrt(reduced.total_sq)
+        action += "" if naming.kind == "lora" else f" from {naming.kind}"
         result.modules.append(ModuleReport(stem, shape, rank_in, rank, norm, error, action))
         if naming.alpha is not None:
             stored = torch.tensor(float(rank)).to(naming.alpha_dtype)

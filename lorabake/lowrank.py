@@ -39,6 +39,14 @@ def stack(terms: Sequence[tuple[float, Tensor, Tensor]]) -> tuple[Tensor, Tensor
     return torch.cat(ups, dim=1), torch.cat([down for _, _, down in terms], dim=0)
 
 
+def factor_dense(dw: Tensor) -> tuple[Tensor, Tensor]:
+    """up @ down = dw [out, n] exactly (to fp64 rounding): its SVD cut at the numerical rank, √σ each side."""
+    u, s, vh = torch.linalg.svd(dw.double(), full_matrices=False)
+    keep = max(1, int((s > s[0] * max(dw.shape) * torch.finfo(torch.float64).eps).sum())) if s.numel() else 1
+    root = torch.sqrt(s[:keep])
+    return (u[:, :keep] * root).to(dw.dtype), (root[:, None] * vh[:keep]).to(dw.dtype)
+
+
 def product_spectrum(up: Tensor, down: Tensor) -> svd.Spectrum:
     """The SVD of up @ down without forming it: all its non-zero singular triplets.
 

@@ -188,11 +188,12 @@ def test_peft_metadata_alpha_is_folded_into_the_factors(tmp_path):
 
 def test_unsupported_adapters_and_mixed_families_are_refused(tmp_path, sdxl):
     _, _, paths = sdxl
-    loha = str(tmp_path / "loha.safetensors")
-    save_file(make_lora(MODULES_B[:1], algo="loha", rank=2), loha)
-    with pytest.raises(LoraFormatError, match="LoRA/LoCon factors only") as err:
-        loratools.run(loratools.ToolOptions(inputs=(LoraSpec(loha),), output=str(tmp_path / "x.safetensors")))
-    assert "loha" in str(err.value) and "loha.safetensors" in str(err.value)
+    for algo, options in (("oft", {}), ("lora", {"dora": True})):
+        path = str(tmp_path / f"{algo}.safetensors")
+        save_file(make_lora(MODULES_B[:1], algo=algo, rank=2, **options), path)
+        with pytest.raises(LoraFormatError, match="depends on the base weight") as err:
+            loratools.run(loratools.ToolOptions(inputs=(LoraSpec(path),), output=str(tmp_path / "x.safetensors")))
+        assert ("DoRA" if options else algo) in str(err.value) and path in str(err.value)
     sd1 = str(tmp_path / "sd1.safetensors")
     save_file(make_lora([("lora_unet_down_blocks_0_attentions_0_proj_in", 320, 320)], rank=2), sd1,
               metadata={"ss_base_model_version": "sd_v1"})
@@ -211,3 +212,62 @@ def test_cli_combine_json_and_resize_usage(sdxl, tmp_path):
     assert doc["rank_max"] == 4 and 0 < doc["error"] < 1 and doc["modules"] == 5
     code, _, err = run_main(["resize", paths["a"], "-o", str(tmp_path / "r.safetensors")])
     assert code == 2 and "--rank" in err
+
+
+def raw_delta(t: dict[str, torch.Tensor], stem: str, algo: str) -> torch.Tensor:
+    """ΔW at strength 1 by each type's textbook formula (fp64, flattened to [out, in·k])."""
+    g = {k[len(stem) + 1:]: v.double() for k, v in t.items() if k.startswith(stem + ".")}
+    flat = lambda x: x.reshape(x.shape[0], -1)  # noqa: E731
+    if algo == "loha":
+        dw = (flat(g["hada_w1_a"]) @ flat(g["hada_w1_b"])) * (flat(g["hada_w2_a"]) @ flat(g["hada_w2_b"]))
+        return dw * float(g["alpha"]) / g["hada_w1_b"].shape[0]
+    if algo == "lokr":
+        w1 = g["lokr_w1"] if "lokr_w1" in g else g["lokr_w1_a"] @ g["lokr_w1_b"]
+        w2 = flat(g["lokr_w2"]) if "lokr_w2" in g else flat(g["lokr_w2_a"]) @ flat(g["lokr_w2_b"])
+        # LyCORIS: alpha / the factored side's rank (w2's first); both sides full: no scale
+        factored = g.get("lokr_w2_b", g.get("lokr_w1_b"))
+        scale = float(g["alpha"]) / factored.shape[0] if factored is not None else 1.0
+        return torch.kron(w1, w2) * scale
+    if algo == "full":
+        return flat(g["diff"])
+    up, down = flat(g["lora_up.weight"]), g["lora_down.weight"]
+    if "lora_mid.weight" in g:
+        mid = g["lora_mid.weight"]
+        dw = torch.einsum("oa,abhw,bi->oihw", up, mid, flat(down))
+        return flat(dw) * float(g["alpha"]) / up.shape[1]
+    return up @ flat(down) * float(g["alpha"]) / up.shape[1]
+
+
+@pytest.mark.parametrize("algo, options", [
+    ("loha", {}), ("lokr", {}), ("lokr", {"lokr_w1": "factored", "lokr_w2": "full"}), ("full", {}),
+    ("lora", {"tucker": True}),
+], ids=["loha", "lokr", "lokr-full-w2", "full", "tucker-locon"])
+def test_lycoris_types_combine_exactly_and_resize_optimally(tmp_path, sdxl, algo, options):
+    """Each type is turned into exact low-rank factors: combined with a plain LoRA, the result's ΔW is
+    the weighted sum of the textbook ΔWs; resized, its error is the Eckart–Young optimum of that sum."""
+    _, _, paths = sdxl
+    modules = MODULES_A[1:3] + [MODULES_A[3]]  # attention, feed-forward (5120×640), 3x3 conv
+    lyco = make_lora(modules, algo=algo, rank=4, alpha=2.0, conv3x3=True, seed=7, bias=False, **options)
+    lyco_path = str(tmp_path / "lyco.safetensors")
+    save_file(lyco, lyco_path, metadata=SDXL_META)
+    plain = {k: v.double() for k, v in load_file(paths["a"]).items()}
+    out = str(tmp_path / "c.safetensors")
+    res = loratools.run(loratools.ToolOptions(inputs=(LoraSpec(lyco_path, 0.7), LoraSpec(paths["a"], -0.5)),
+                                              output=out, dtype="fp32"))
+    combined = {k: v.double() for k, v in load_file(out).items()}
+    assert {m.action for m in res.modules} <= {"stacked", f"stacked from {algo}"}
+    for stem, *_ in modules:
+        want = 0.7 * raw_delta(lyco, stem, algo) - 0.5 * raw_delta(plain, stem, "lora")
+        got = raw_delta(combined, stem, "lora")
+        assert float((got - want).norm() / want.norm()) < 1e-6, stem
+    # resize the LyCORIS file alone: the reported error is the best any rank-3 LoRA can do
+    small = str(tmp_path / "r.safetensors")
+    res = loratools.run(loratools.ToolOptions(inputs=(LoraSpec(lyco_path),), output=small, rank=3, command="resize", dtype="fp32"))
+    resized = {k: v.double() for k, v in load_file(small).items()}
+    for report in res.modules:
+        want = raw_delta(lyco, report.stem, algo)
+        s = torch.linalg.svdvals(want)
+        optimal = float(torch.sqrt((s[3:] ** 2).sum()) / want.norm())
+        assert report.error == pytest.approx(optimal, rel=1e-6, abs=1e-9), report.stem
+        got = raw_delta(resized, report.stem, "lora")
+        assert float((got - want).norm() / want.norm()) == pytest.approx(optimal, rel=1e-5, abs=1e-7)

@@ -10,7 +10,17 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 
 from lorabake.adapters import dora, full, glora, ia3, loha, lokr, lora, norm, oft, scale, setweight
-from lorabake.adapters.base import Adapter, PartError, Shape, Shapes, Suffix, fault, layout_fault, prod
+from lorabake.adapters.base import (
+    Adapter,
+    PartError,
+    Shape,
+    Shapes,
+    Suffix,
+    Tensor,
+    fault,
+    layout_fault,
+    prod,
+)
 from lorabake.errors import LoraFormatError
 
 # Types that own parts, in the order errors list them; BOFT shares OFT's keys.
@@ -165,6 +175,13 @@ def fits(algo: str, shapes: Shapes, target: Shape) -> bool:
     return target_fault(algo, shapes, target) is None
 
 
+def exact_factors(algo: str, parts: Mapping[str, Tensor]) -> tuple[Tensor, Tensor] | None:
+    """(up, down) with up @ down = the unscaled ΔW flattened to [out, in·k…], from the adapter's
+    own structure; None when it has none for these parts (a full diff, a Tucker core)."""
+    adapter = get(algo)
+    return adapter.factors(parts) if adapter.factors else None
+
+
 def rank_of(algo: str, shapes: Shapes) -> int | None:
     """The rank alpha is divided by, or None when alpha does not scale this type."""
     return get(algo).rank(shapes)
@@ -172,6 +189,6 @@ def rank_of(algo: str, shapes: Shapes) -> int | None:
 
 __all__ = [
     "ADAPTERS", "ALGORITHMS", "BIAS_PARTS", "DORA_PARTS", "PART_ALGO", "PART_NAMES", "REFUSED_PARTS",
-    "SUFFIXES", "Adapter", "PartError", "algo_of", "bias_shape", "check_dtypes", "delta_shape", "fits",
+    "SUFFIXES", "Adapter", "PartError", "algo_of", "bias_shape", "check_dtypes", "delta_shape", "exact_factors", "fits",
     "get", "has_weight_change", "rank_of", "resolve", "target_fault",
 ]  # fmt: skip

@@ -66,6 +66,8 @@ class Adapter:
     - `fit(shapes, target)`: None when the module can patch a weight of shape `target`, else why not;
     - `flattened`: ΔW may come as [out, in·k…] for a conv target (LyCORIS stores LoHa/LoKr so);
     - `raw(parts)`: unscaled ΔW of a linear adapter; `fresh`: `raw` returns a new tensor;
+    - `factors(parts)`: (up [out, r], down [r, in·k…]) with up @ down = raw ΔW flattened, exactly and
+      without forming ΔW; None when this module's parts have no such form (then ΔW is factored whole);
     - `apply(w, parts, strength, scale)`: W' of a weight-dependent adapter;
     - `bias_part`: the part that carries a bias delta;
     - `variant(shapes)`: the registered name of the variant these parts make (OFT vs BOFT).
@@ -81,6 +83,7 @@ class Adapter:
     flattened: bool = False
     raw: Callable[[Mapping[str, Tensor]], Tensor] | None = None
     fresh: bool = False
+    factors: Callable[[Mapping[str, Tensor]], tuple[Tensor, Tensor] | None] | None = None
     apply: Callable[[Tensor, Mapping[str, Tensor], float, float], Tensor] | None = None
     bias_part: str | None = None
     variant: Callable[[Shapes], str] | None = None

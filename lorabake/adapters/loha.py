@@ -77,6 +77,17 @@ def raw(p: Mapping[str, Tensor]) -> Tensor:
     return (m1 * m2).reshape(m1.shape[0], *b.shape[1:])
 
 
+def factors(p: Mapping[str, Tensor]) -> tuple[Tensor, Tensor] | None:
+    """(A₁A₂ᵀ)⊙(B₁B₂ᵀ) = (A₁•A₂)(B₁•B₂)ᵀ with • the row-wise Kronecker product: rank r₁·r₂, exact."""
+    if "hada_t1" in p:
+        return None
+    a1, a2 = flat(p["hada_w1_a"]), flat(p["hada_w2_a"])  # [out, r1], [out, r2]
+    b1, b2 = flat(p["hada_w1_b"]), flat(p["hada_w2_b"])  # [r1, n], [r2, n]
+    up = (a1[:, :, None] * a2[:, None, :]).reshape(a1.shape[0], -1)
+    down = (b1[:, None, :] * b2[None, :, :]).reshape(-1, b1.shape[1])
+    return up, down
+
+
 ADAPTER = Adapter(
     name=NAME,
     parts=(*FACTORS, "hada_t1", "hada_t2"),
@@ -87,4 +98,5 @@ ADAPTER = Adapter(
     flattened=True,
     raw=raw,
     fresh=True,
+    factors=factors,
 )

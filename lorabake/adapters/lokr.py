@@ -103,6 +103,27 @@ def raw(p: Mapping[str, Tensor]) -> Tensor:
     return torch.kron(w1, w2.contiguous())
 
 
+def factors(p: Mapping[str, Tensor]) -> tuple[Tensor, Tensor] | None:
+    """kron(U₁V₁, U₂V₂) = kron(U₁, U₂)·kron(V₁, V₂): exact factors of rank r₁·r₂ from each side's own
+    (its a/b factors, or the exact SVD of a full w1/w2 cut at its numerical rank)."""
+    import torch
+
+    if "lokr_t2" in p:
+        return None
+    u1, v1 = (p["lokr_w1_a"], p["lokr_w1_b"]) if "lokr_w1" not in p else _split(p["lokr_w1"])
+    u2, v2 = (flat(p["lokr_w2_a"]), flat(p["lokr_w2_b"])) if "lokr_w2" not in p else _split(flat(p["lokr_w2"]))
+    return torch.kron(u1.contiguous(), u2.contiguous()), torch.kron(v1.contiguous(), v2.contiguous())
+
+
+def _split(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w = u @ v exactly (to fp64 rounding): the SVD, singular values at or under w's rounding noise dropped."""
+    import torch
+
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    keep = max(1, int((s > s[0] * max(w.shape) * torch.finfo(torch.float64).eps).sum())) if s.numel() else 1
+    return (u[:, :keep] * s[:keep]).to(w.dtype), vh[:keep].to(w.dtype)
+
+
 ADAPTER = Adapter(
     name=NAME,
     parts=PARTS,
@@ -113,4 +134,5 @@ ADAPTER = Adapter(
     flattened=True,
     raw=raw,
     fresh=True,
+    factors=factors,
 )

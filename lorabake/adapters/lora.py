@@ -116,6 +116,16 @@ def raw(p: Mapping[str, Tensor]) -> Tensor:
     return tucker(p["mid"], up.t(), flat(down))
 
 
+def factors(p: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """up and down themselves; with a Tucker core, down absorbs it: D'[i, (q, k…)] = Σ_j mid[i, j, k…]·down[j, q]."""
+    up, down = flat(p["up"]), flat(p["down"])
+    if "mid" not in p:
+        return up, down
+    mid = p["mid"]
+    core = mid.reshape(mid.shape[0], mid.shape[1], -1)  # [i, j, k]
+    return up, (core.transpose(1, 2) @ down).transpose(1, 2).reshape(mid.shape[0], -1)  # [i, q·k]
+
+
 ADAPTER = Adapter(
     name=NAME,
     parts=("up", "down", "mid", "up_bias"),
@@ -125,5 +135,6 @@ ADAPTER = Adapter(
     rank=rank,
     raw=raw,
     fresh=True,
+    factors=factors,
     bias_part="up_bias",
 )
