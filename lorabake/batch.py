@@ -155,6 +155,7 @@ def _merge_options(job: Job, opts: BatchOptions, *, dry_run: bool, extra=()):
         output=None if dry_run else job.output_path,
         dtype=job.dtype,
         quant=job.quant,
+        saturate=job.saturate,
         device=opts.device,
         rounding=job.rounding,
         allow_unmatched=job.allow_unmatched,
@@ -193,9 +194,9 @@ def _by_base(todo: list[Job], fan_out: int) -> list[list[Job]]:
     size = max(1, fan_out)
     out = []
     for g in groups.values():
-        plain = [j for j in g if not j.quant]
+        plain = [j for j in g if not j.bakes_alone]
         out += [plain[i : i + size] for i in range(0, len(plain), size)]
-        out += [[j] for j in g if j.quant]  # a quantizing writer bakes one output per read of the base
+        out += [[j] for j in g if j.bakes_alone]
     return out
 
 
@@ -212,7 +213,7 @@ def _bake_group(group: list[Job], opts: BatchOptions, rows: dict[int, JobReport]
         specs.append(_merge_options(job, opts, dry_run=False, extra=extra))
     events.base_started(group[0].base.resolved, rows[group[0].index].base_bytes, len(group))
     try:
-        if group[0].quant:
+        if group[0].bakes_alone:
             from lorabake import ops
 
             results = [ops.merge(specs[0], progress=events.advance)]

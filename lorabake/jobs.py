@@ -73,6 +73,12 @@ class Job:
     allow_unmatched: bool
     pins: tuple[Pin, ...] = ()
     quant: str | None = None  # quantize on the way out (merge --quant)
+    saturate: bool = False  # clamp beyond the output dtype's range (merge --saturate)
+
+    @property
+    def bakes_alone(self) -> bool:
+        """Quantizing and saturating writers bake one output per read of the base (merge's own path)."""
+        return bool(self.quant) or self.saturate
 
     @property
     def inputs(self) -> tuple[Use, ...]:
@@ -94,6 +100,7 @@ class Job:
             **({"quant": self.quant} if self.quant else {}),  # absent when unset: older entries keep their hash
             rounding=self.rounding,
             allow_unmatched=self.allow_unmatched,
+            **({"saturate": True} if self.saturate else {}),
         )
         if self.pins:
             out["pins"] = {p.text: {p.kind: p.sha256} for p in self.pins}

@@ -23,7 +23,7 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 # Keys each table accepts. Options are the `lorabake merge` flags that change the output bytes.
-OPTION_KEYS = ("dtype", "quant", "rounding", "allow_unmatched")
+OPTION_KEYS = ("dtype", "quant", "rounding", "allow_unmatched", "saturate")
 TOP_KEYS = ("defaults", "pins", "bake", "matrix")
 BAKE_KEYS = ("name", "base", "loras", "output", "parts", *OPTION_KEYS)
 PART_KEYS = ("base", "loras", "output", *OPTION_KEYS)
@@ -161,6 +161,9 @@ def _job(name, entry: dict, where: str, ctx: _Ctx, *, strength: float, set_name,
     allow = options.get("allow_unmatched", False)
     if not isinstance(allow, bool):
         raise UsageError(f"{where}: allow_unmatched must be true or false", path=ctx.path)
+    saturate = options.get("saturate", False)
+    if not isinstance(saturate, bool):
+        raise UsageError(f"{where}: saturate must be true or false", path=ctx.path)
     quant = options.get("quant")
     if quant is not None and (not isinstance(quant, str) or not quant.strip()):
         raise UsageError(f"{where}: quant is a format name (fp8, nvfp4, mxfp8, int8, Q8_0, Q4_K_M, …)", path=ctx.path)
@@ -172,7 +175,7 @@ def _job(name, entry: dict, where: str, ctx: _Ctx, *, strength: float, set_name,
     return Job(
         index=0, where=where, name=name, base=base_use, loras=loras, output=output,
         output_path=_resolve(ctx.folder, output), dtype=dtype, rounding=rounding, allow_unmatched=allow, pins=pins,
-        quant=quant,
+        quant=quant, saturate=saturate,
     )
 
 

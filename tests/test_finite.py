@@ -161,3 +161,22 @@ def test_extract_alpha_the_output_cannot_hold_is_a_usage_error(tmp_path, good, a
     with untouched(tmp_path, os.path.dirname(base)):
         one_error(run_main(["extract", base, base, "-o", str(tmp_path / "o.safetensors"), "--alpha", alpha, "--dtype", dtype]),
                   "--alpha", code=2)
+
+
+def test_recipe_saturate_is_merge_saturate(tmp_path, good):
+    """`saturate = true` in a recipe entry bakes what `merge --saturate` writes; without it the
+    entry fails as merge does, and nothing is written."""
+    base, _ = good
+    lora = _lora_with_alpha(tmp_path, 1e30)
+    recipe = tmp_path / "r.toml"
+    entry = f'[[bake]]\nbase = "{base}"\nloras = ["{lora}"]\noutput = "{{name}}.safetensors"\n'
+    recipe.write_text(entry.replace("[[bake]]\n", '[[bake]]\nname = "plain"\n'))
+    code, _, err = run_main(["bake", str(recipe)])
+    assert code == 1 and "beyond F16's range" in err and not (tmp_path / "plain.safetensors").exists()
+    recipe.write_text(entry.replace("[[bake]]\n", '[[bake]]\nname = "sat"\nsaturate = true\n'))
+    code, _, err = run_main(["bake", str(recipe), "--quiet"])
+    assert code == 0, err
+    code, _, err = run_main(["merge", base, "--lora", lora, "-o", str(tmp_path / "ref.safetensors"), "--saturate", "--quiet"])
+    assert code == 0, err
+    got, want = load_file(str(tmp_path / "sat.safetensors")), load_file(str(tmp_path / "ref.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
