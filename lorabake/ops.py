@@ -116,7 +116,7 @@ def merge(opts: MergeOptions, *, progress: Progress | None = None, on_plan: Call
         refuse_patched(layers, [*plan.patches, *(o.target for _, o in plan.unmatched if o.target)], path=base.path)
         if opts.quant and layers:
             raise UsageError("--quant needs a plain bf16/fp16/fp32 base; this one is already quantized", path=base.path)
-        layout = quant_write.plan_layout(opts.quant, base, plan.patches, requant=opts.gguf_requant)
+        layout = quant_write.plan_layout(opts.quant, base, plan.patches, requant=opts.gguf_requant, arch=plan.info.arch)
         if on_plan:
             on_plan(plan)
         result = MergeResult(plan)

@@ -122,6 +122,7 @@ FAMILY = Family(
     ),
     lora_prefixes=DIT_LORA_PREFIXES,
     extract_targets=_EXTRACT_TARGETS,
+    quant_keep=("distilled_guidance_layer.", "txt_in.", "img_in.", "final_layer."),
     block_groups=(
         BlockGroup("double{n}", "double_blocks.{n}."),
         BlockGroup("single{n}", "single_blocks.{n}."),

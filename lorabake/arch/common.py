@@ -138,6 +138,9 @@ class Family(NamedTuple):
     # ("BASE": every text encoder; "te1"…: one); blocks a vector does not list get 0, modules in no block 1
     block_vectors: Mapping[int, tuple[str, ...]] = {}
     block_presets: Mapping[str, str] = {}  # preset name -> a vector or a NAME=VALUE list
+    # name fragments a quantized output keeps in high precision beyond the generic ones (lorabake.quant.policy):
+    # the family's input and output layers, as the quantizers people use for it keep them
+    quant_keep: tuple[str, ...] = ()
     implementation: str = "diffusers"  # modelspec.implementation written by extract
     resolution: str = "1024x1024"  # modelspec.resolution written by extract
     order: int = 100  # position in reports and in tie lists; decides nothing

@@ -180,6 +180,7 @@ FAMILY = Family(
             naming="bfl",
         ),
     ),
+    quant_keep=("time_in.", "txt_in.", "img_in.", "vector_in.", "guidance_in.", "final_layer."),
     block_groups=_BLOCK_GROUPS,
     block_vectors={61: ("te1", "te3", "IN", *(f"double{n}" for n in range(19)), *(f"single{n}" for n in range(38)), "OUT")},
     implementation="https://github.com/black-forest-labs/flux",

@@ -133,6 +133,7 @@ FAMILY = Family(
         ),
         Variant("img_in.weight", present="hidden width {size} (klein; dev is 6144)", naming="bfl", dim=0, size=6144),
     ),
+    quant_keep=("time_in.", "txt_in.", "img_in.", "guidance_in.", "final_layer."),
     block_groups=(
         BlockGroup("double{n}", "double_blocks.{n}."),
         BlockGroup("single{n}", "single_blocks.{n}."),

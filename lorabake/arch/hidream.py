@@ -81,6 +81,7 @@ FAMILY = Family(
     kohya_names={"dit": ("lora_unet_", "diffusers")},
     lora_prefixes=DIT_LORA_PREFIXES,
     extract_targets=_EXTRACT_TARGETS,
+    quant_keep=("final_layer.", "caption_projection."),
     block_groups=(
         BlockGroup("double{n}", "double_stream_blocks.{n}."),
         BlockGroup("single{n}", "single_stream_blocks.{n}."),

@@ -130,6 +130,7 @@ FAMILY = Family(
     renames=(Renames("native", "diffusers", modules=NATIVE_TO_DIFFUSERS, note="Krea 2 original -> diffusers"),),
     lora_prefixes=DIT_LORA_PREFIXES,
     extract_targets=_EXTRACT_TARGETS,
+    quant_keep=("^first.", "^last.", "^tmlp.", "^tproj.", "^txtfusion.", "^txtmlp."),
     block_groups=(BlockGroup("block{n}", "blocks.{n}."),),
     implementation="https://github.com/krea-ai",
     order=64,

@@ -118,6 +118,7 @@ FAMILY = Family(
     ),
     lora_prefixes=DIT_LORA_PREFIXES,
     extract_targets=_nextdit.EXTRACT_TARGETS,
+    quant_keep=("final_layer.",),
     block_groups=(
         BlockGroup("layer{n}", "layers.{n}."),
         BlockGroup("noise_refiner{n}", "noise_refiner.{n}."),

@@ -129,6 +129,7 @@ FAMILY = Family(
         Variant("txt_in.text_norm.weight", present="Qwen-Image 2.1"),
         Variant("__index_timestep_zero__", present="edit-2511 flag tensor (passed through)"),
     ),
+    quant_keep=("img_in.", "txt_in.", "^proj_out."),
     block_groups=(BlockGroup("block{n}", "transformer_blocks.{n}."),),
     implementation="https://github.com/QwenLM/Qwen-Image",
     resolution="1328x1328",

@@ -43,6 +43,7 @@ FAMILY = Family(
     extract_targets=_sd_unet.EXTRACT_TARGETS,
     extract_conv_targets=_sd_unet.EXTRACT_CONV_TARGETS,
     variants=_sd_unet.VARIANTS,
+    quant_keep=("^input_blocks.0.0.", "^out.", "^conv_in.", "^conv_out."),
     block_groups=_sd_unet.unet_block_groups(BLOCKS),
     block_vectors=_block_weights.SD_VECTORS,
     block_presets=_block_weights.SD_PRESETS,

@@ -161,6 +161,7 @@ FAMILY = Family(
     ),
     lora_prefixes=DIT_LORA_PREFIXES,
     extract_targets=_EXTRACT_TARGETS,
+    quant_keep=("final_layer.",),
     block_groups=(BlockGroup("joint{n}", "joint_blocks.{n}."), BlockGroup("joint{n}", "transformer_blocks.{n}.")),
     implementation="https://github.com/Stability-AI/generative-models",
     order=40,

@@ -11,12 +11,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-# Name fragments of tensors that stay in high precision: norms, biases, embedders, modulation,
-# router gates, positional tables and the final projection.
+from lorabake.arch import FAMILIES
+
+# Name fragments of tensors that stay in high precision in every family: norms, biases, embedders,
+# modulation, router gates, positional tables and the final projection. A family adds its own
+# (its input and output layers by their names) as `Family.quant_keep`.
 KEEP_HIGH = (
-    "norm", ".bias", "embed", "emb.", "time_in.", "txt_in.", "img_in.", "vector_in.", "guidance_in.",
-    "final_layer.", "proj_out.", "modulation", "adaLN", "adaln", "_mod.", "router", ".gate.", "scale_shift_table",
-    "pos_embed", "patch_embed", "head.", "time_proj", "timestep", "conv_in.", "conv_out.",
+    "norm", ".bias", "embed", "emb.", "proj_out.", "modulation", "adaLN", "adaln", "_mod.", "router", ".gate.",
+    "scale_shift_table", "pos_embed", "patch_embed", "time_proj", "timestep",
 )
 MIN_PARAMS = 1024  # tensors this small stay in high precision (city96 QUANTIZATION_THRESHOLD)
 
@@ -45,22 +47,36 @@ ROW = 256  # … are stored as rows of 256 with the real shape in comfy.gguf.ori
 
 
 def keep_high(name: str, shape: tuple[int, ...], *, extra_keep: Iterable[str] = ()) -> bool:
+    """A fragment matches anywhere in the name; one written `^top.` only as a whole first path part
+    under any root (`out.2.weight`, `model.diffusion_model.out.2.weight`, never `attn.to_out.0`)."""
     if not name.endswith(".weight") or len(shape) < 2 or math.prod(shape) <= MIN_PARAMS:
         return True
-    return any(f in name for f in (*KEEP_HIGH, *extra_keep))
+    for f in (*KEEP_HIGH, *extra_keep):
+        if f.startswith("^"):
+            if name.startswith(f[1:]) or "." + f[1:] in name:
+                return True
+        elif f in name:
+            return True
+    return False
 
 
-def comfy_format(quant: str, name: str, shape: tuple[int, ...]) -> str | None:
+def family_keep(arch: str) -> tuple[str, ...]:
+    """The family's own high-precision rows (none for a family lorabake does not know)."""
+    family = FAMILIES.get(arch)
+    return family.quant_keep if family else ()
+
+
+def comfy_format(quant: str, name: str, shape: tuple[int, ...], *, extra_keep: Iterable[str] = ()) -> str | None:
     """The comfy_quant format `name` is written in, or None to keep it as it is."""
-    if keep_high(name, shape) or len(shape) != 2:
+    if keep_high(name, shape, extra_keep=extra_keep) or len(shape) != 2:
         return None
     m = COMFY_MULTIPLE.get(COMFY[quant], 1)
     return COMFY[quant] if shape[0] % m == 0 and shape[1] % m == 0 else None
 
 
-def gguf_type(quant: str, name: str, shape: tuple[int, ...], source: str) -> str:
+def gguf_type(quant: str, name: str, shape: tuple[int, ...], source: str, *, extra_keep: Iterable[str] = ()) -> str:
     """The GGML type `name` is written in (`source`: its float type when kept)."""
-    if keep_high(name, shape):
+    if keep_high(name, shape, extra_keep=extra_keep):
         return GGUF_FALLBACK if source in ("BF16", "F32") else source
     default, rows = GGUF[quant]
     return next((t for f, t in rows if f in name), default)

@@ -48,7 +48,7 @@ def check(quant: str | None, base: str, output: str | None, *, dtype_tag: str | 
         raise UsageError(f"--quant {quant} writes ComfyUI's safetensors layout: give -o NAME.safetensors", path=output)
 
 
-def plan_layout(quant: str | None, base, patched, *, requant: str) -> dict[str, tuple[GGMLType, tuple[int, ...]]]:
+def plan_layout(quant: str | None, base, patched, *, requant: str, arch: str = "unknown") -> dict[str, tuple[GGMLType, tuple[int, ...]]]:
     """GGUF outputs: the (type, stored shape) of each tensor that changes type; raises for a
     patched tensor we cannot re-encode. Runs at planning time, before anything is written."""
     if isinstance(base, GGUFBase):
@@ -58,7 +58,7 @@ def plan_layout(quant: str | None, base, patched, *, requant: str) -> dict[str, 
         return {}
     layout = {}
     for name, e in SafetensorsSource(base).entries.items():
-        kind = ggml_type(policy.gguf_type(quant, name, e.shape, e.kind.name))
+        kind = ggml_type(policy.gguf_type(quant, name, e.shape, e.kind.name, extra_keep=policy.family_keep(arch)))
         stored = policy.stored_shape(e.shape, kind.block)
         if stored is None:  # rows that are no whole blocks and cannot be rearranged: city96's fallback
             kind, stored = ggml_type(policy.GGUF_FALLBACK), e.shape
@@ -99,7 +99,8 @@ def write(
                   Field("general.quantization_version", gguf.GGML_QUANT_VERSION, gguf.GGUFValueType.UINT32, None)]
         write_gguf(SafetensorsSource(base), target, patches, layout, fields, _gguf_arch(plan.info.arch), mode=mode, device=device, on_tensor=record, progress=progress)
     else:
-        formats = {n: f for n, i in base.tensors.items() if (f := policy.comfy_format(quant, n, tuple(i.shape)))}
+        keep = policy.family_keep(plan.info.arch)
+        formats = {n: f for n, i in base.tensors.items() if (f := policy.comfy_format(quant, n, tuple(i.shape), extra_keep=keep))}
         write_comfy(base, target, patches, formats, meta, mode=mode, device=device, on_tensor=record, inputs=inputs, force=force, progress=progress)
     result.output = target
     result.sha256 = _file_sha256(target)

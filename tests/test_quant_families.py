@@ -1,0 +1,79 @@
+"""Quantizing a family's checkpoint keeps that family's own input and output layers in high precision
+(`Family.quant_keep`, beyond the generic norms/biases/embedders/modulation rows), and the quantized
+output takes the next LoRA in the same format. Real names and full-size shapes from the key lists."""
+
+from __future__ import annotations
+
+import gguf
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorabake.quant.comfy import find_layers
+from lorabake.st_reader import SafetensorsReader
+from tests.famfix import read_fixture
+from tests.lorafix import save_lora
+from tests.test_lowprecision import delta64, lora_for, merge, write_ordered
+
+R = "model.diffusion_model."
+# family -> (key-list name, the keys of the base: probes, the family's own in/out layers, block linears,
+#            the LoRA's stems -> keys, kept high by the family rows, quantized, the `_M` mixes' one-up layer)
+CASES = {
+    "qwen-image": (
+        "qwen-image",
+        ["txt_norm.weight", "transformer_blocks.0.img_mod.1.weight", "img_in.weight", "img_in.bias",
+         "txt_in.weight", "proj_out.weight", "transformer_blocks.0.attn.to_q.weight",
+         "transformer_blocks.0.attn.to_out.0.weight"],
+        {"lora_unet_img_in": "img_in.weight", "lora_unet_transformer_blocks_0_attn_to_q": "transformer_blocks.0.attn.to_q.weight"},
+        {"img_in.weight", "txt_in.weight", "proj_out.weight", "transformer_blocks.0.img_mod.1.weight"},
+        {"transformer_blocks.0.attn.to_q.weight", "transformer_blocks.0.attn.to_out.0.weight"},
+        "transformer_blocks.0.attn.to_out.0.weight",
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def family_base(request, tmp_path_factory):
+    name, keys, stems, kept, quantized, one_up = CASES[request.param]
+    shapes = {k: tuple(v["shape"]) for k, v in read_fixture(name)["tensors"].items()}
+    gen = torch.Generator().manual_seed(0)
+    values = {R + k: (torch.randn(shapes[k], generator=gen) * 0.02).to(torch.bfloat16) for k in keys}
+    path = write_ordered(tmp_path_factory.mktemp("base") / f"{name}.safetensors", values)
+    stems = {s: R + k for s, k in stems.items()}
+    lora = lora_for(stems, {k: tuple(values[k].shape) for k in stems.values()}, alpha=4.0)
+    lora_path = save_lora(tmp_path_factory.mktemp("lora") / "l.safetensors", lora)
+    return request.param, path, values, lora, lora_path, stems, {R + k for k in kept}, {R + k for k in quantized}, R + one_up
+
+
+def test_fp8_keeps_the_family_layers_and_rebakes(tmp_path, family_base):
+    arch, base, values, lora, lora_path, stems, kept, quantized, _ = family_base
+    code, doc, err, out = merge(tmp_path, base, lora_path, "--quant", "fp8", strength=0.5)
+    assert code == 0, err
+    assert doc["base_architecture"] == arch
+    with SafetensorsReader(out) as r:
+        layers = find_layers(r.tensors, r.metadata, r.read_bytes, path=str(out))
+    assert set(layers) == quantized
+    got = load_file(str(out))
+    for key in kept:
+        assert got[key].dtype == torch.bfloat16, key
+    for stem, key in stems.items():  # a kept layer the LoRA patches: patched in bf16, in place
+        if key in kept:
+            want = values[key].double() + delta64(lora, stem, 0.5)
+            assert float((got[key].double() - want).abs().max()) < 0.01
+    # the fp8 output is a base: the next LoRA bakes into it in the same format, the rest byte-identical
+    code, _, err, again = merge(tmp_path, out, lora_path, out="again.safetensors", strength=0.1)
+    assert code == 0, err
+    second = load_file(str(again))
+    assert second.keys() == got.keys()
+    assert all(second[k].dtype == got[k].dtype and second[k].shape == got[k].shape for k in got)
+    patched = {k for k in stems.values()} | {k.replace(".weight", ".weight_scale") for k in stems.values()}
+    assert all(torch.equal(second[k], got[k]) for k in got if k not in patched)
+
+
+def test_gguf_q4_k_m_keeps_the_family_layers(tmp_path, family_base):
+    _, base, _, _, lora_path, _, kept, quantized, one_up = family_base
+    code, _, err, out = merge(tmp_path, base, lora_path, "--quant", "Q4_K_M", out="out.gguf", strength=0.5)
+    assert code == 0, err
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
+    assert all(types[k] == "F32" for k in kept), {k: types[k] for k in kept}
+    assert {types[k] for k in quantized - {one_up}} == {"Q4_K"} and types[one_up] == "Q6_K"
