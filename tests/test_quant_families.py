@@ -4,6 +4,9 @@ output takes the next LoRA in the same format. Real names and full-size shapes f
 
 from __future__ import annotations
 
+import json
+import os
+
 import gguf
 import pytest
 import torch
@@ -11,7 +14,7 @@ from safetensors.torch import load_file
 
 from lorabake.quant.comfy import find_layers
 from lorabake.st_reader import SafetensorsReader
-from tests.famfix import read_fixture
+from tests.famfix import ARCH_DIR, read_fixture
 from tests.lorafix import save_lora
 from tests.test_lowprecision import delta64, lora_for, merge, write_ordered
 
@@ -29,13 +32,31 @@ CASES = {
         {"transformer_blocks.0.attn.to_q.weight", "transformer_blocks.0.attn.to_out.0.weight"},
         "transformer_blocks.0.attn.to_out.0.weight",
     ),
+    "wan": (
+        "wan21-t2v-14b",
+        ["head.modulation", "blocks.0.self_attn.q.weight", "blocks.0.self_attn.o.weight", "head.head.weight",
+         "text_embedding.0.weight"],
+        {"lora_unet_blocks_0_self_attn_q": "blocks.0.self_attn.q.weight", "lora_unet_head_head": "head.head.weight"},
+        {"head.head.weight", "text_embedding.0.weight"},
+        {"blocks.0.self_attn.q.weight", "blocks.0.self_attn.o.weight"},
+        "blocks.0.self_attn.o.weight",
+    ),
 }
+
+
+def _shapes(name: str) -> dict[str, tuple[int, ...]]:
+    """Key list: tests/data/arch/<name>.json.gz (image families) or <name>.json (video families)."""
+    path = os.path.join(ARCH_DIR, name + ".json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            return {k: tuple(v["shape"]) for k, v in json.load(fh)["tensors"].items()}
+    return {k: tuple(v["shape"]) for k, v in read_fixture(name)["tensors"].items()}
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def family_base(request, tmp_path_factory):
     name, keys, stems, kept, quantized, one_up = CASES[request.param]
-    shapes = {k: tuple(v["shape"]) for k, v in read_fixture(name)["tensors"].items()}
+    shapes = _shapes(name)
     gen = torch.Generator().manual_seed(0)
     values = {R + k: (torch.randn(shapes[k], generator=gen) * 0.02).to(torch.bfloat16) for k in keys}
     path = write_ordered(tmp_path_factory.mktemp("base") / f"{name}.safetensors", values)

@@ -103,6 +103,7 @@ FAMILY = Family(
     renames=(Renames("cosmos", "diffusers", modules=COSMOS_TO_DIFFUSERS, note="NVIDIA checkpoint -> diffusers"),),
     lora_prefixes=DIT_LORA_PREFIXES,
     extract_targets=_EXTRACT_TARGETS,
+    quant_keep=("final_layer.",),
     block_groups=(BlockGroup("block{n}", "blocks.{n}."),),
     implementation="https://github.com/nvidia-cosmos/cosmos-predict2",
     structures=(_PREDICT2_2B,),

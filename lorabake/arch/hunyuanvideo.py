@@ -260,6 +260,7 @@ FAMILY = Family(
         Variant("img_in.proj.weight", dim=1, sizes={16: "T2V (16 input channels)", 33: "I2V (33 input channels)",
                                                     65: "1.5 (65 input channels: T2V and I2V)"}),
     ),
+    quant_keep=("img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer."),
     block_groups=(BlockGroup("double{n}", "double_blocks.{n}."), BlockGroup("single{n}", "single_blocks.{n}.")),
     implementation="https://github.com/Tencent/HunyuanVideo",
     resolution="1280x720",

@@ -73,6 +73,7 @@ FAMILY = Family(
         Variant("visual_transformer_blocks.0.self_attention.to_query.weight", dim=0,
                 sizes={1792: "Lite (2B, width 1792)", 4096: "Pro (19B, width 4096)"}),
     ),
+    quant_keep=("^out_layer.",),
     block_groups=(BlockGroup("text{n}", "text_transformer_blocks.{n}."), BlockGroup("visual{n}", "visual_transformer_blocks.{n}.")),
     implementation="https://github.com/kandinskylab/kandinsky-5",
     resolution="768x512",

@@ -183,6 +183,7 @@ FAMILY = Family(
         Variant("transformer_blocks.0.attn1.to_q.weight", dim=0, sizes={2048: "2B (width 2048)",
                                                                           4096: "width 4096 (LTX-2 19B, LTX-Video 13B)"}),
     ),
+    quant_keep=("patchify_proj", "caption_projection", "^proj_out.", "^audio_proj_out."),
     block_groups=(BlockGroup("block{n}", "transformer_blocks.{n}."),),
     implementation="https://github.com/Lightricks/LTX-2",
     resolution="768x512",

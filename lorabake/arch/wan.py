@@ -238,6 +238,7 @@ FAMILY = Family(
         Variant("blocks.0.cross_attn.k_img.weight", present="image cross-attention (k_img/v_img): Wan 2.1 I2V / FLF2V"),
         Variant("vace_blocks.0.before_proj.weight", present="VACE (vace_blocks): Wan 2.1 VACE or Wan 2.2 VACE-Fun"),
     ),
+    quant_keep=("^head.", "time_projection."),
     block_groups=(BlockGroup("block{n}", "blocks.{n}."), BlockGroup("vace{n}", "vace_blocks.{n}.")),
     implementation="https://github.com/Wan-Video/Wan2.1",
     resolution="832x480",
