@@ -307,3 +307,37 @@ def test_stream_names_singular_or_plural(flux):
     a = blocks.resolve("doubles:1-1=0", "flux", present, set(), lora="x")
     b = blocks.resolve("double:1-1=0", "flux", present, set(), lora="x")
     assert a.by_block == b.by_block == {"double1": 0.0}
+
+
+# sd-webui-lora-block-weight: BLOCKID12 (SDXL, attention blocks) and BLOCKID20 (every block)
+BLOCKID12 = ["BASE", "IN04", "IN05", "IN07", "IN08", "M00", "OUT00", "OUT01", "OUT02", "OUT03", "OUT04", "OUT05"]
+BLOCKID20 = ["BASE", *(f"IN{n:02d}" for n in range(9)), "M00", *(f"OUT{n:02d}" for n in range(9))]
+SDXL_PARTS = [  # every attention block's proj_in, one resnet at each end, the detection probe
+    r"model\.diffusion_model\.(input_blocks\.[4578]|middle_block|output_blocks\.[0-5])\.1\.proj_in\.weight",
+    r"model\.diffusion_model\.input_blocks\.4\.1\.transformer_blocks\.0\.attn2\.to_k\.weight",
+    r"model\.diffusion_model\.(input_blocks\.1|output_blocks\.8)\.0\.in_layers\.2\.weight",
+]
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sdxl")
+    base = str(folder / "sdxl.safetensors")
+    tensors = build_checkpoint(base, "sdxl", select("sdxl", SDXL_PARTS), float_dtype=torch.float32)
+    stems = {"lora_unet_" + k[len(U):-len(".weight")].replace(".", "_"): k for k in tensors}
+    lora_tensors = make_lora([(s, *tensors[k].shape) for s, k in stems.items()], rank=4, alpha=2.0, conv3x3=True)
+    lora = save_lora(str(folder / "lora.safetensors"), lora_tensors, {})
+    return base, tensors, lora, lora_tensors, stems
+
+
+@pytest.mark.parametrize("blocks, ids, values", [
+    ("OUTD", BLOCKID12, [1, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0]),  # lorabake's SDXL OUTD: OUT00-OUT02
+    ("0.5,1,2,3,4,5,6,7,8,9,10,11", BLOCKID12, [0.5, *range(1, 12)]),
+    (",".join(str(i) for i in range(20)), BLOCKID20, list(range(20))),
+], ids=["OUTD", "12-values", "20-values"])
+def test_sdxl_vectors_bake_exactly_the_blocks_asked(tmp_path, sdxl, blocks, ids, values):
+    base, tensors, lora, lora_tensors, stems = sdxl
+    out = str(tmp_path / "out.safetensors")
+    code, _, err = run_main(["merge", base, "--lora", f"{lora}:0.8@{blocks}", "-o", out, "--dtype", "fp32"])
+    assert code == 0, err
+    check_bake(out, tensors, lora_tensors, stems, 0.8, lambda key: vector_factor(ids, values, lbw_block(key)))
