@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -53,6 +54,19 @@ def _ignore_at_os_level() -> None:
             signal.signal(signum, signal.SIG_IGN)
 
 
+def _quiet_race(unraisable) -> None:
+    """A signal that arrived while its handler was being set to SIG_IGN above is reported by Python
+    as "Signal N ignored due to race condition" (printed, not raised). Ignoring it is what we asked
+    for, so that report is dropped; anything else goes to the hook that was there before."""
+    exc = unraisable.exc_value
+    if _State.raised and isinstance(exc, OSError) and "ignored due to race condition" in str(exc):
+        return
+    _previous_hook(unraisable)
+
+
+_previous_hook = sys.unraisablehook
+
+
 def install() -> None:
     """Route SIGINT and SIGTERM to `Interrupted`; forget what an earlier run in this process saw."""
     _State.depth, _State.pending, _State.raised = 0, None, False
@@ -61,6 +75,7 @@ def install() -> None:
         return  # only the main thread may set handlers (main() called from a worker thread)
     for signum in SIGNALS:
         signal.signal(signum, _handler)
+    sys.unraisablehook = _quiet_race
     # A parent that blocked them (some job runners and CI supervisors do) would otherwise leave a
     # SIGTERM pending forever: the bake runs on and the temporary file is never cleaned up.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
