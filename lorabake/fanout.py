@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Sequence
 
-from lorabake import devices, dtypes, finite, ops
+from lorabake import devices, dtypes, finite, ops, pipeline
 from lorabake.errors import UsageError
 from lorabake.plan import plan_merge
 from lorabake.st_reader import SafetensorsReader, check_input_path
@@ -99,10 +99,10 @@ def _prepare(opts: ops.MergeOptions, base: SafetensorsReader, loras: _Loras) -> 
 
 def _bake_all(base: SafetensorsReader, jobs: list[_Job], device, progress, stack: contextlib.ExitStack) -> None:
     started = time.perf_counter()
-    pool, workers = stack.enter_context(ops._compute_threads(device))  # shared by the K bakers, one at a time
+    pool, workers, pipe = stack.enter_context(pipeline.compute(device))  # shared by the K bakers, one at a time
     for job in jobs:
         job.baker = ops._Baker(job.opts, job.plan, job.out_tags, device, job.result)
-        job.baker.pool, job.baker.workers = pool, workers
+        job.baker.pool, job.baker.workers, job.baker.pipe = pool, workers, pipe
         entries = [(n, job.out_tags[n], i.shape) for n, i in base.tensors.items()]
         meta = ops._metadata(job.opts, job.plan, job.result.lora_data_sha256)
         job.writer = stack.enter_context(SafetensorsWriter(

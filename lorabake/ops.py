@@ -7,19 +7,18 @@ device, patched, and re-encoded.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, ThreadPoolExecutor
-from contextlib import closing, contextmanager
+from collections.abc import Callable
+from concurrent.futures import Executor
+from contextlib import closing
 from dataclasses import dataclass, field
 
 import torch
 
-from lorabake import __version__, bake_kernel, delta, devices, dtypes, finite, spread
+from lorabake import __version__, bake_kernel, delta, devices, dtypes, finite, pipeline, spread
 from lorabake.errors import MatchError, UsageError
 from lorabake.lora_data import LoraData
 from lorabake.plan import BIAS_PARTS, LoraSpec, MergePlan, PlannedPatch, plan_merge
@@ -223,8 +222,9 @@ class _Baker:
         if layers is None:
             base = plan.base
             layers = find_layers(base.tensors, base.metadata, base.read_bytes, path=base.path)
-        self.pool: Executor | None = None  # row blocks on its threads (see _compute_threads)
+        self.pool: Executor | None = None  # row blocks on its threads, or a device pipeline (pipeline.compute)
         self.workers = 1
+        self.pipe: pipeline.Pipeline | None = None
         # quantized layers are re-quantised whole (their scales depend on the whole patched weight)
         self.layers = member_index(layer for w, layer in layers.items() if w in plan.patches)
         self.held: dict[str, torch.Tensor] = {}
@@ -259,21 +259,27 @@ class _Baker:
         return bake_kernel.FloatRows(stored, dtypes.torch_dtype(tag), rounding_mode=self.opts.rounding, seed_key=name)
 
     def _bake(self, name: str, buf: bytearray | memoryview, patches: list[PlannedPatch], tag: str) -> torch.Tensor:
-        codec = finite.Guarded(self.codec(name, buf, tag), tag, tensor=name, sources=finite.lora_paths(self.plan, name) or [self.plan.base.path], saturated=self.result.saturated if self.opts.saturate else None)
-        math_patches = [self._math_patch(p) for p in patches]
-        lost = bake_kernel.bake_tensor(codec, math_patches, device=self.device, pool=self.pool, workers=self.workers)
+        baked = None  # None from the pipeline: the plain path runs (whole-tensor adapters, values out of range)
+        if self.pipe is not None:
+            host = [self._math_patch(p, device=torch.device("cpu")) for p in patches]
+            stored = to_tensor(buf, self.plan.base.tensors[name])
+            baked = self.pipe.bake(stored, host, dtypes.torch_dtype(tag), rounding_mode=self.opts.rounding, seed_key=name)
+        if baked is None:
+            codec = finite.Guarded(self.codec(name, buf, tag), tag, tensor=name, sources=finite.lora_paths(self.plan, name) or [self.plan.base.path], saturated=self.result.saturated if self.opts.saturate else None)
+            lost = bake_kernel.bake_tensor(codec, [self._math_patch(p) for p in patches], device=self.device, pool=self.pool, workers=self.workers)
+            baked = codec.result().cpu(), lost
         if patches:
-            self.result.lost[name] = lost
+            self.result.lost[name] = baked[1]
             self.result.tensors_changed += 1
-        return codec.result().cpu()
+        return baked[0]
 
-    def _math_patch(self, p: PlannedPatch) -> delta.Patch:
+    def _math_patch(self, p: PlannedPatch, *, device: torch.device | None = None) -> delta.Patch:
         lp = self.plan.loras[p.lora_index]
         wanted = p.module.parts.items()
         if p.param == "weight":
             wanted = [(part, key) for part, key in wanted if part not in BIAS_PARTS]
         parts = {
-            part: self.lora_data.read(lp.reader, key).to(device=self.device, dtype=torch.float32) for part, key in wanted
+            part: self.lora_data.read(lp.reader, key).to(device=device or self.device, dtype=torch.float32) for part, key in wanted
         }
         return spread.cut(delta.Patch(  # a fused module spread over separate tensors: this one's ΔW rows
             algo=p.module.algo,
@@ -338,13 +344,14 @@ def _write_merged(
     started = time.perf_counter()
     inputs = [opts.base, *(s.path for s in opts.loras)]
     meta = _metadata(opts, plan, result.lora_data_sha256)
-    # Pipeline: read-ahead thread -> compute (row blocks on one thread per core) -> writer thread
+    # Pipeline: read-ahead thread -> compute (row blocks on one thread per core, or through the device's
+    # streams: lorabake.pipeline) -> writer thread
     # (write + file hash) and a data-hash thread, so the copy and both SHA-256 passes overlap the compute.
-    with _compute_threads(device) as (pool, workers), SafetensorsWriter(
+    with pipeline.compute(device) as (pool, workers, pipe), SafetensorsWriter(
         opts.output, entries, meta, inputs=inputs, force=opts.force, background_bytes=WRITE_QUEUE_BYTES,
         sources=[base, *(lp.reader for lp in plan.loras)],
     ) as writer:
-        baker.pool, baker.workers = pool, workers
+        baker.pool, baker.workers, baker.pipe = pool, workers, pipe
         # unchanged tensors are copied file to file by the kernel; only the others are read
         computed = base.iter_bytes([n for n in base.tensors if not baker.passes_through(n)], readahead_bytes=opts.readahead_bytes)
         with closing(computed):
@@ -362,39 +369,3 @@ def _write_merged(
     result.data_sha256 = writer.data_sha256
     result.bytes_written = writer.total_size
     result.seconds = time.perf_counter() - started
-
-
-def _return_big_buffers() -> None:
-    """Have glibc mmap every buffer of 4 MiB or more, so a freed tensor goes back to the OS.
-
-    Its default threshold grows to the largest buffer freed so far (up to 32 MiB), after which
-    tensor-sized buffers come from per-thread heaps that keep their pages (the reader's thread
-    allocates, the writer's frees): peak RSS grew by ~150 MiB on SD1.5 that way.
-    """
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD (glibc only; elsewhere a no-op)
-    except (OSError, AttributeError):
-        pass
-
-
-@contextmanager
-def _compute_threads(device: torch.device) -> Iterator[tuple[Executor | None, int]]:
-    """One compute thread per core, each running torch single-threaded.
-
-    Coarse row runs on threads of our own beat torch's intra-op threads on small blocks: no
-    barrier per op, and no spinning workers fighting the I/O threads (or other processes) for
-    the cores. On a GPU the device does the parallel work.
-    """
-    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if device.type != "cpu" or workers <= 1:
-        yield None, 1
-        return
-    _return_big_buffers()
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lorabake-bake") as pool:
-            yield pool, workers
-    finally:
-        torch.set_num_threads(before)

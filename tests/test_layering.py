@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("st_entry", "st_scan", "st_header", "st_reader", "st_writer", "arch", "adapters"),
     # 2: reading names and descriptions: checkpoint detection, LoRA grammar, recipes and jobs; math on tensors
     (
-        "detect", "lora_format", "delta", "rounding", "svd", "lowrank", "module_factors", "fold", "bake_kernel",
+        "detect", "lora_format", "delta", "rounding", "svd", "lowrank", "module_factors", "fold", "bake_kernel", "pipeline",
         "jobs", "recipe", "shards", "provenance", "lora_data", "spread", "block_spec",
         "quant",  # stored formats: codecs (math on tensors over rounding) and the GGUF reader/writer
     ),

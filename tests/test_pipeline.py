@@ -1,0 +1,297 @@
+"""The device pipeline (lorabake/pipeline.py): the same bytes as the plain bake kernel.
+
+On the CPU (`HostBackend`) the pipeline must give bit for bit what `bake_kernel.bake_tensor`
+gives: same ops, same blocks. The CUDA branch's logic (staging slots, three streams, events,
+slot reuse) is run on CPU tensors by `LazyStreams`, a stand-in with CUDA's contract taken
+literally: work issued to a stream runs only when something waits for it, as late as allowed,
+and every staging/device buffer starts as NaN bytes. A missing wait or an early slot reuse then
+reads NaN or another block's rows; the last tests show that it does.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorabake import bake_kernel, pipeline
+from tests.cli_helpers import run_main
+from tests.test_bake_kernel import CASES, lora, rnd
+from tests.test_merge import CASES as MERGE_CASES
+from tests.test_merge import build_case
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(bake_kernel, "BLOCK_ELEMS", 3 * 1280 + 17)  # many blocks, never aligned
+
+
+def plain(stored, patches, out_dtype, mode="nearest"):
+    codec = bake_kernel.FloatRows(stored.clone(), out_dtype, rounding_mode=mode, seed_key="k")
+    lost = bake_kernel.bake_tensor(codec, patches, device=CPU)
+    return codec.result(), lost
+
+
+def piped(stored, patches, out_dtype, mode="nearest", backend=None):
+    pipe = pipeline.Pipeline(backend or pipeline.HostBackend(CPU), block_elems=bake_kernel.BLOCK_ELEMS)
+    before = stored.clone()
+    done = pipe.bake(stored, patches, out_dtype, rounding_mode=mode, seed_key="k")
+    assert torch.equal(stored.view(torch.uint8), before.view(torch.uint8))  # the input is never written
+    return done
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+DTYPES = [(torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
+          (torch.float16, torch.float32), (torch.bfloat16, torch.float8_e4m3fn)]
+FOLDED = sorted(c for c in CASES if c != "dora_between")
+
+
+@pytest.mark.parametrize("case", FOLDED)
+@pytest.mark.parametrize(("stored_dtype", "out_dtype"), DTYPES)
+def test_host_pipeline_is_the_plain_kernel_bit_for_bit(case, stored_dtype, out_dtype):
+    shape, patches = CASES[case]()
+    stored = rnd(*shape).to(stored_dtype)
+    want, want_lost = plain(stored, patches, out_dtype)
+    got, got_lost = piped(stored, patches, out_dtype)
+    same_bits(got, want)
+    assert got_lost == want_lost  # same blocks, same sums
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float8_e5m2])
+def test_stochastic_rounding_takes_the_same_noise(out_dtype):
+    shape, patches = CASES["qkv_slices"]()
+    stored = rnd(*shape).to(torch.float32)  # narrowed: slices and untouched rows both re-encoded
+    got, _ = piped(stored, patches, out_dtype, mode="stochastic")
+    same_bits(got, plain(stored, patches, out_dtype, mode="stochastic")[0])
+
+
+def test_weight_dependent_adapters_go_to_the_plain_path():
+    shape, patches = CASES["dora_between"]()
+    assert piped(rnd(*shape).half(), patches, torch.float16) is None
+
+
+@pytest.mark.parametrize(("value", "out_dtype"), [(7e4, torch.float16), (float("nan"), torch.bfloat16)])
+def test_a_value_out_of_range_goes_to_the_plain_path(value, out_dtype):
+    """fp16 overflow or NaN: the plain path's guard raises (or saturates); the pipeline does not decide."""
+    stored = rnd(640, 1280)
+    stored[500, 3] = value  # in a late block, after earlier blocks were already drained
+    assert piped(stored, [lora(640, (1280,), 8)], out_dtype) is None
+
+
+# --- the CUDA branch, on CPU tensors ---------------------------------------------------------
+
+
+class _Stream:
+    def __init__(self) -> None:
+        self.queue: list = []
+        self.done = 0
+
+
+class _Event:
+    def __init__(self) -> None:
+        self.stream: _Stream | None = None
+        self.pos = 0
+
+
+class LazyStreams(pipeline.HostBackend):
+    """CUDA's stream/event/pinned contract on CPU tensors, with work run as late as it may be."""
+
+    def __init__(self) -> None:
+        super().__init__(CPU)
+        self.pinned: list[torch.Tensor] = []
+        self.on_device: list[torch.Tensor] = []
+        self.streams: list[_Stream] = []
+        self.syncs = 0
+        self.uploads_at_first_sync: int | None = None
+
+    def stream(self):
+        self.streams.append(_Stream())
+        return self.streams[-1]
+
+    def event(self):
+        return _Event()
+
+    def run(self, stream, fn) -> None:
+        assert isinstance(stream, _Stream), "device work outside a stream"
+        stream.queue.append(fn)
+
+    def wait(self, stream, event) -> None:
+        src, pos = event.stream, event.pos  # CUDA waits for what was recorded when wait is called
+        stream.queue.append(lambda: src and self._flush(src, pos))
+
+    def record(self, event, stream) -> None:
+        event.stream, event.pos = stream, len(stream.queue)
+
+    def sync(self, event) -> None:
+        if self.uploads_at_first_sync is None:
+            self.uploads_at_first_sync = len(self.streams[0].queue)
+        self.syncs += 1
+        if event.stream is not None:
+            self._flush(event.stream, event.pos)
+
+    def _flush(self, stream: _Stream, pos: int) -> None:
+        while stream.done < pos:
+            fn = stream.queue[stream.done]
+            stream.done += 1
+            fn()
+
+    def host_buffer(self, nbytes: int) -> torch.Tensor:
+        self.pinned.append(torch.full((nbytes,), 0xFF, dtype=torch.uint8))  # 0xFF..: NaN in every float type
+        return self.pinned[-1]
+
+    def device_buffer(self, nbytes: int) -> torch.Tensor:
+        self.on_device.append(torch.full((nbytes,), 0xFF, dtype=torch.uint8))
+        return self.on_device[-1]
+
+    def _in(self, t: torch.Tensor, bufs: list[torch.Tensor]) -> bool:
+        ptr = t.untyped_storage().data_ptr()
+        return any(b.untyped_storage().data_ptr() == ptr for b in bufs)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        ok = (self._in(dst, self.on_device) and self._in(src, self.pinned)) or (self._in(dst, self.pinned) and self._in(src, self.on_device))
+        assert ok, "a copy between the device and pageable memory (synchronous on CUDA)"
+        dst.copy_(src)
+
+    def upload(self, stream, t: torch.Tensor) -> torch.Tensor:
+        d = torch.full_like(t, float("nan"))
+        self.on_device.append(d)
+        stream.queue.append(lambda: d.copy_(t))
+        return d
+
+
+@pytest.mark.parametrize("case", ["four_loras", "qkv_slices", "mixed_linear", "nothing"])
+@pytest.mark.parametrize(("stored_dtype", "out_dtype"), [(torch.float16, torch.float16), (torch.float32, torch.bfloat16)])
+def test_stream_pipeline_is_the_plain_kernel_bit_for_bit(case, stored_dtype, out_dtype):
+    shape, patches = CASES[case]()
+    stored = rnd(*shape).to(stored_dtype)
+    want, want_lost = plain(stored, patches, out_dtype)
+    fake = LazyStreams()
+    got, got_lost = piped(stored, patches, out_dtype, backend=fake)
+    same_bits(got, want)
+    assert got_lost == want_lost
+    blocks = fake.syncs
+    if case != "nothing" or stored_dtype != out_dtype:
+        assert blocks > pipeline.SLOTS
+        # the host waits once per block (for its download) and not before SLOTS blocks were issued
+        assert fake.uploads_at_first_sync >= pipeline.SLOTS
+        assert all(s.done == len(s.queue) for s in fake.streams[1:])  # every math and download ran
+
+
+def test_stochastic_rounding_through_streams():
+    shape, patches = CASES["qkv_slices"]()
+    stored = rnd(*shape)
+    got, _ = piped(stored, patches, torch.bfloat16, mode="stochastic", backend=LazyStreams())
+    same_bits(got, plain(stored, patches, torch.bfloat16, mode="stochastic")[0])
+
+
+def test_buffers_are_reused_across_tensors():
+    fake = LazyStreams()
+    pipe = pipeline.Pipeline(fake, block_elems=bake_kernel.BLOCK_ELEMS)
+    for case in ("four_loras", "transpose", "four_loras"):
+        shape, patches = CASES[case]()
+        stored = rnd(*shape).half()
+        got, _ = pipe.bake(stored, patches, torch.float16, seed_key="k")
+        same_bits(got, plain(stored, patches, torch.float16)[0])
+    assert len(fake.pinned) == pipeline.SLOTS * 3  # host_in, host_out and host_peak per slot, allocated once
+
+
+@pytest.mark.parametrize("broken", ["wait", "sync", "record"])
+def test_the_stand_in_catches_a_missing_wait(monkeypatch, broken):
+    """Without one of the orderings the stand-in yields different bytes: the tests above can fail."""
+    shape, patches = CASES["four_loras"]()
+    stored = rnd(*shape).half()
+    want, _ = plain(stored, patches, torch.float16)
+    fake = LazyStreams()
+    if broken == "record":  # events that mark nothing: waits wait for nothing
+        monkeypatch.setattr(fake, "record", lambda event, stream: None)
+    else:
+        monkeypatch.setattr(fake, broken, lambda *a: None)
+    done = piped(stored, patches, torch.float16, backend=fake)
+    assert done is None or not torch.equal(done[0].view(torch.int16), want.view(torch.int16))
+
+
+def test_backends_and_when_the_pipeline_runs(monkeypatch):
+    assert type(pipeline.backend_for(torch.device("cuda", 0))) is pipeline.CudaBackend
+    assert type(pipeline.backend_for(torch.device("mps"))) is pipeline.MpsBackend
+    assert type(pipeline.backend_for(CPU)) is pipeline.HostBackend
+    monkeypatch.delenv(pipeline.ENV, raising=False)
+    assert pipeline.wanted(torch.device("cuda")) and not pipeline.wanted(CPU)
+    with pipeline.compute(CPU) as (_, _, pipe):
+        assert pipe is None
+    monkeypatch.setenv(pipeline.ENV, "1")
+    with pipeline.compute(CPU) as (pool, workers, pipe):
+        assert isinstance(pipe, pipeline.Pipeline) and pool is None and workers == 1
+
+
+# --- a whole merge ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def baked(monkeypatch) -> list:
+    """What each `Pipeline.bake` of a merge returned ("plain" when it handed the tensor back)."""
+    seen, real = [], pipeline.Pipeline.bake
+
+    def spy(self, *a, **kw):
+        done = real(self, *a, **kw)
+        seen.append("plain" if done is None else "piped")
+        return done
+
+    monkeypatch.setattr(pipeline.Pipeline, "bake", spy)
+    return seen
+
+
+def _merge(tmp_path, monkeypatch, env: str | None, *extra: str) -> tuple[int, str, str]:
+    if env is None:
+        monkeypatch.delenv(pipeline.ENV, raising=False)
+    else:
+        monkeypatch.setenv(pipeline.ENV, env)
+    (tmp_path / f"env-{env}").mkdir(exist_ok=True)
+    out = tmp_path / f"env-{env}" / "o.safetensors"  # the output's name is in its metadata
+    _, arch, patterns, dtype, naming, rows, metadata = MERGE_CASES[0]
+    if not (tmp_path / "base.safetensors").exists():
+        build_case(tmp_path, arch, patterns, dtype, naming, rows, metadata)
+    code, stdout, err = run_main(["merge", str(tmp_path / "base.safetensors"), "--lora", str(tmp_path / "lora0.safetensors"),
+                                  "-o", str(out), "--device", "cpu", *extra])
+    return code, err, str(out)
+
+
+@pytest.mark.parametrize("extra", [(), ("--dtype", "bf16"), ("--dtype", "fp16", "--rounding", "stochastic")])
+def test_merge_through_the_pipeline_writes_the_same_file(tmp_path, monkeypatch, baked, extra):
+    code, err, plain_out = _merge(tmp_path, monkeypatch, None, *extra)
+    assert code == 0, err
+    assert not baked
+    code, err, piped_out = _merge(tmp_path, monkeypatch, "1", *extra)
+    assert code == 0, err
+    assert baked and set(baked) == {"piped"}
+    with open(plain_out, "rb") as a, open(piped_out, "rb") as b:
+        assert a.read() == b.read()
+    assert any(not torch.equal(t, load_file(str(tmp_path / "base.safetensors"))[k]) for k, t in load_file(piped_out).items())
+
+
+def test_merge_out_of_range_is_the_same_error_through_the_pipeline(tmp_path, monkeypatch, baked):
+    """A strength that overflows fp16: the pipeline hands the tensor to the guarded plain path."""
+    _merge(tmp_path, monkeypatch, None)
+    lora_path = str(tmp_path / "lora0.safetensors")
+    outs = {}
+    for env in (None, "1"):
+        if env is None:
+            monkeypatch.delenv(pipeline.ENV, raising=False)
+        else:
+            monkeypatch.setenv(pipeline.ENV, env)
+        (tmp_path / f"big-{env}").mkdir()
+        out = tmp_path / f"big-{env}" / "big.safetensors"
+        args = ["merge", str(tmp_path / "base.safetensors"), "--lora", f"{lora_path}:1e9", "-o", str(out), "--device", "cpu", "--dtype", "fp16"]
+        code, _, err = run_main(args)
+        assert code == 1 and "range" in err and not out.exists()
+        code, _, err = run_main([*args, "--saturate"])
+        assert code == 0, err
+        outs[env] = out.read_bytes()
+    assert outs[None] == outs["1"]
+    assert "plain" in baked
+
