@@ -300,17 +300,19 @@ def bench_arch(arch: str, work: str, args) -> dict:
     log(f"{arch}: warming the page cache ({os.path.getsize(base) / 2**30:.1f} GiB + LoRAs)")
     warm([base, *loras])
     samples: dict[str, list[tuple[float, int, float]]] = {c: [] for c in cases}
+    loads: dict[str, list[float]] = {c: [] for c in cases}
     for rnd in range(args.repeat):
         for case, cmd in cases.items():
             if os.path.exists(out):
                 os.unlink(out)
             sync()
             samples[case].append(run(cmd))
+            loads[case].append(os.getloadavg()[0])  # 1-minute average as the case ends (ours included)
             w, m, c = samples[case][-1]
-            log(f"{arch} round {rnd + 1}/{args.repeat} {case}: {w:.2f} s, {c:.2f} s CPU, {m} MiB, load {os.getloadavg()[0]:.1f}")
+            log(f"{arch} round {rnd + 1}/{args.repeat} {case}: {w:.2f} s, {c:.2f} s CPU, {m} MiB, load {loads[case][-1]:.1f}")
     if os.path.exists(out):
         os.unlink(out)
-    rows = {c: summary(s) for c, s in samples.items()}
+    rows = {c: {**summary(s), "load": max(loads[c])} for c, s in samples.items()}
 
     if not args.no_extract and not args.smoke:  # smoke shapes are too small for family detection
         tuned = os.path.join(work, "tuned.safetensors")
@@ -318,7 +320,7 @@ def bench_arch(arch: str, work: str, args) -> dict:
         lora_out = os.path.join(work, "extracted.safetensors")
         sync()
         ext = [run(exe + ["extract", base, tuned, "-o", lora_out, "--rank", "32", "--quiet", "--force"])]
-        rows["extract r32"] = summary(ext)
+        rows["extract r32"] = {**summary(ext), "load": os.getloadavg()[0]}
         for p in (tuned, lora_out):
             if os.path.exists(p):
                 os.unlink(p)
@@ -352,8 +354,8 @@ def extract_math(args) -> dict | None:
 # -- report ---------------------------------------------------------------------------------------------
 def table(results: list[dict], ext: dict | None) -> str:
     lines = [
-        "| checkpoint | case | ÷ cp+sync | ÷ cp | ÷ naive x2 | ÷ merge x1 | min s | median s | CPU s | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| checkpoint | case | ÷ cp+sync | ÷ cp | ÷ naive x2 | ÷ merge x1 | min s | median s | CPU s | peak RSS MiB | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for res in results:
         rows = res["rows"]
@@ -369,7 +371,7 @@ def table(results: list[dict], ext: dict | None) -> str:
             r_m1 = f"{row['min_s'] / m1:.2f}" if m1 and case.startswith("merge") else ""
             lines.append(
                 f"| {label} | {case} | {r_cps} | {r_cp} | {r_naive} | {r_m1} | {row['min_s']:.2f} | {row['median_s']:.2f} | "
-                f"{row['min_cpu_s']:.2f} | {row['peak_rss_mib']} |"
+                f"{row['min_cpu_s']:.2f} | {row['peak_rss_mib']} | {row.get('load', 0.0):.1f} |"
             )
     if ext:
         lines += [

@@ -108,6 +108,7 @@ class LazyStreams(pipeline.HostBackend):
         self.on_device: list[torch.Tensor] = []
         self.streams: list[_Stream] = []
         self.syncs = 0
+        self.uploads = self.downloads = 0  # copies issued (staging slot → device, device → staging slot)
         self.uploads_at_first_sync: int | None = None
 
     def stream(self):
@@ -120,6 +121,9 @@ class LazyStreams(pipeline.HostBackend):
     def run(self, stream, fn) -> None:
         assert isinstance(stream, _Stream), "device work outside a stream"
         stream.queue.append(fn)
+        kind = {0: "uploads", 2: "downloads"}.get(self.streams.index(stream))
+        if kind:  # one issue per block on the upload and download streams
+            setattr(self, kind, getattr(self, kind) + 1)
 
     def wait(self, stream, event) -> None:
         src, pos = event.stream, event.pos  # CUDA waits for what was recorded when wait is called
@@ -130,7 +134,7 @@ class LazyStreams(pipeline.HostBackend):
 
     def sync(self, event) -> None:
         if self.uploads_at_first_sync is None:
-            self.uploads_at_first_sync = len(self.streams[0].queue)
+            self.uploads_at_first_sync = self.uploads
         self.syncs += 1
         if event.stream is not None:
             self._flush(event.stream, event.pos)
@@ -154,8 +158,9 @@ class LazyStreams(pipeline.HostBackend):
         return any(b.untyped_storage().data_ptr() == ptr for b in bufs)
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        ok = (self._in(dst, self.on_device) and self._in(src, self.pinned)) or (self._in(dst, self.pinned) and self._in(src, self.on_device))
-        assert ok, "a copy between the device and pageable memory (synchronous on CUDA)"
+        up = self._in(dst, self.on_device) and self._in(src, self.pinned)
+        down = self._in(dst, self.pinned) and self._in(src, self.on_device)
+        assert up or down, "a copy between the device and pageable memory (synchronous on CUDA)"
         dst.copy_(src)
 
     def upload(self, stream, t: torch.Tensor) -> torch.Tensor:
@@ -175,11 +180,11 @@ def test_stream_pipeline_is_the_plain_kernel_bit_for_bit(case, stored_dtype, out
     got, got_lost = piped(stored, patches, out_dtype, backend=fake)
     same_bits(got, want)
     assert got_lost == want_lost
-    blocks = fake.syncs
     if case != "nothing" or stored_dtype != out_dtype:
-        assert blocks > pipeline.SLOTS
-        # the host waits once per block (for its download) and not before SLOTS blocks were issued
-        assert fake.uploads_at_first_sync >= pipeline.SLOTS
+        assert fake.uploads == fake.downloads > pipeline.SLOTS
+        # the host waits once per block, for its download, and first when SLOTS blocks are in flight
+        assert fake.syncs == fake.downloads
+        assert fake.uploads_at_first_sync == pipeline.SLOTS
         assert all(s.done == len(s.queue) for s in fake.streams[1:])  # every math and download ran
 
 
