@@ -10,6 +10,7 @@ budget is the most this costs, at the start of the bake. Past the budget the bak
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 
@@ -56,9 +57,18 @@ class LoraData:
         return to_tensor(buf, reader.tensors[name])
 
 
+# dtypes whose `aminmax` torch implements: a NaN or ±Inf anywhere shows in min or max, so two
+# finite extremes prove every value finite in one vectorised pass (~30x an fp32 sum of fp16 here)
+_MINMAX = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _check_finite(t: torch.Tensor, path: str, name: str, module: str) -> None:
-    # a finite fp32 sum proves every value finite; only a suspicious sum gets the full check
-    if bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t.float()).all()):
+    if t.dtype in _MINMAX:
+        lo, hi = torch.aminmax(t)
+        if math.isfinite(float(lo)) and math.isfinite(float(hi)):
+            return
+    # fp8: a finite fp32 sum proves every value finite; only a suspicious sum gets the full check
+    elif bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t.float()).all()):
         return
     bad = "NaN" if bool(torch.isnan(t.float()).any()) else "Inf"
     raise LoraFormatError(
