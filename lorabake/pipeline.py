@@ -42,7 +42,10 @@ from lorabake import bake_kernel, delta, dtypes, finite, fold, rounding
 Tensor = torch.Tensor
 
 SLOTS = 3  # blocks in flight: one uploading, one in the math, one downloading
-GPU_BLOCK_ELEMS = 1 << 22  # values per block on a GPU: 16 MiB of fp32, big enough to hide launch costs
+# values per block on a GPU: 4 MiB of fp32, a few hundred µs of PCIe per block, so launch costs
+# stay small and a 1280×1280 attention weight is already two blocks (the pipeline drains at the
+# end of each tensor: the writer takes tensors in order)
+GPU_BLOCK_ELEMS = 1 << 20
 ENV = "LORABAKE_PIPELINE"  # "1": run the pipeline on the CPU too (tests, benchmarks)
 
 
