@@ -337,7 +337,15 @@ def compute(device: torch.device) -> Iterator[tuple[Executor | None, int, Pipeli
     device does the parallel work, fed by the pipeline.
     """
     if wanted(device):
-        yield None, 1, Pipeline(backend_for(device))
+        if device.type != "cpu":
+            yield None, 1, Pipeline(backend_for(device))
+            return
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)  # as the threads below: a GEMM's bits depend on its thread count
+        try:
+            yield None, 1, Pipeline(backend_for(device))
+        finally:
+            torch.set_num_threads(before)
         return
     workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if device.type != "cpu" or workers <= 1:
