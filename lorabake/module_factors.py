@@ -34,7 +34,8 @@ def module_factors(algo: str, parts: Mapping[str, Tensor], target_shape: tuple[i
     if algo == "lora" and "mid" not in parts:
         up, down = parts["up"], parts["down"]
         rank = down.shape[0]
-        return Factors(up.reshape(up.shape[0], rank), down.reshape(rank, -1), tuple(down.shape[1:]),
+        # fp32, as the other types' factors: strengths and scales are folded into up before stacking
+        return Factors(up.reshape(up.shape[0], rank).float(), down.reshape(rank, -1).float(), tuple(down.shape[1:]),
                        tuple(up.shape[2:]), "factors")
     shape = tuple(adapters.delta_shape(algo, {p: tuple(t.shape) for p, t in parts.items()}))
     if len(shape) == 2 and target_shape and len(target_shape) > 2 and math.prod(target_shape[1:]) == shape[1]:
