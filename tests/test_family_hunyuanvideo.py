@@ -237,3 +237,37 @@ def test_diffusers_split_qkv_lora_onto_fused_hunyuanvideo(tmp_path, base):
     ours = _bake(tmp_path, path, diffusers_lora, back, "diffusers")
     reference = fused_reference(variant, diffusers_lora, STRENGTH)
     assert assert_close(ours, reference, native) == {m + ".weight" for m in lora}
+
+
+@pytest.mark.parametrize("flavour", ["musubi", "comfy-comfy"])
+def test_a_diffusers_folder_is_hunyuanvideo_and_takes_fused_loras(tmp_path, flavour):
+    """A diffusers HunyuanVideo folder has Flux's diffusers names (`transformer_blocks.N.attn.to_q`,
+    `single_transformer_blocks`) plus the token refiner: it is HunyuanVideo, not Flux. A LoRA on Tencent's fused
+    tensors (`img_attn_qkv`, `linear1` = q|k|v|mlp, the refiner's `self_attn_qkv`), in Tencent's or ComfyUI's
+    names, is spread over the split q/k/v(/mlp) as diffusers' fuse_lora applies the same ΔW."""
+    variant = VARIANTS["hunyuanvideo-t2v"]
+    state = build_model(variant, tiny=True).state_dict()
+    native = to_native(variant, state)
+    folder = tmp_path / "base"
+    (folder / "transformer").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanVideoPipeline"}))
+    code, stdout, err = run_main(["inspect", str(folder)])
+    assert code == 0 and "architecture: hunyuanvideo" in stdout and "HunyuanVideo 1.0" in stdout, (stdout, err)
+
+    file_flavour, alpha, comfy_names = FLAVOURS[flavour]
+    lora = random_lora(native, linear_modules(native), alpha=alpha, seed=5)  # every linear and img_in's Conv3d
+    lora_path = tmp_path / "lora.safetensors"
+    save_file(write(file_flavour, _comfy_lora(lora) if comfy_names else lora), str(lora_path))
+    out = tmp_path / "out.safetensors"
+    code, stdout, err = run_main(["merge", str(folder), "--lora", f"{lora_path}:{STRENGTH}", "-o", str(out), "--json"])
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["base_architecture"] == "hunyuanvideo"
+    assert summary["loras"][0]["unmatched"] == {} and summary["loras"][0]["not_applied"] == []
+    ours = to_native(variant, {k.removeprefix("transformer."): v for k, v in load_file(str(out)).items()})
+    reference = fused_reference(variant, to_diffusers_lora(variant, lora, state), STRENGTH)
+    changed = assert_close(ours, reference, native)
+    assert changed == {m + ".weight" for m in lora}
+    assert {"single_blocks.0.linear1.weight", "double_blocks.0.img_attn_qkv.weight",
+            "txt_in.individual_token_refiner.blocks.0.self_attn_qkv.weight"} <= changed

@@ -189,6 +189,8 @@ SPREAD_PARTS: dict[str, tuple[Bound, Bound]] = {
     "q_of_qkv": (0, (0, 1)),
     "k_of_qkv": (1, (1, 1)),
     "v_of_qkv": ((1, 1), (1, 2)),
+    # q ‖ k ‖ v ‖ mlp-in (PARTS "mlp"): the mlp-in band after three H-row bands
+    "mlp_of_qkv_mlp": (3, (3, 1)),
     "gate_of_gate_up": (0, (0, 1)),
     "up_of_gate_up": ((0, 1), (0, 2)),
 }

@@ -119,11 +119,49 @@ TENCENT_TO_COMFY = Renames(
     tails={v: k for k, v in _COMFY_TAILS.items()}, note="Tencent checkpoint -> ComfyUI names",
 )
 
+# A diffusers-layout base (HunyuanVideoTransformer3DModel / HunyuanVideo15Transformer3DModel, q/k/v split): LoRAs
+# in Tencent's or ComfyUI's names land on it through TENCENT_TO_DIFFUSERS read backwards; a LoRA on a fused tensor
+# (`img_attn_qkv`, `linear1` = q|k|v|mlp, the refiner's `self_attn_qkv`) is spread over the split ones.
+_SPREAD = {"q": "q_of_qkv", "k": "k_of_qkv", "v": "v_of_qkv", "mlp": "mlp_of_qkv_mlp"}
+_TENCENT_TO_COMFY_TOP = {v: k for k, v in _COMFY_TOP.items()}
+_TENCENT_TO_COMFY_TAILS = sorted(((v, k) for k, v in _COMFY_TAILS.items()), key=lambda row: -len(row[0]))
+
+
+def _comfy_name(tencent: str) -> str:
+    """ComfyUI's name of a Tencent module template (the renames above, read backwards; longest tail first)."""
+    if tencent in _TENCENT_TO_COMFY_TOP:
+        return _TENCENT_TO_COMFY_TOP[tencent]
+    for tail, comfy in _TENCENT_TO_COMFY_TAILS:
+        if tencent.endswith("." + tail):
+            return tencent[: -len(tail)] + comfy
+    return tencent
+
+
+def _from_diffusers(naming) -> dict[str, tuple[Alias, ...]]:
+    rows: dict[str, tuple[Alias, ...]] = {}
+    for tencent, aliases in TENCENT_TO_DIFFUSERS.items():
+        for a in aliases:  # swap_halves undoes itself
+            back = Alias(naming(tencent), spread=_SPREAD.get(a.part) if a.part else None, transform=a.transform)
+            rows[a.name] = (*rows.get(a.name, ()), back)
+    return rows
+
+
+DIFFUSERS_TO_TENCENT = Renames("diffusers", "tencent", modules=_from_diffusers(lambda n: n),
+                               note="diffusers checkpoint -> Tencent names (diffusion-pipe, musubi, Tencent LoRAs)")
+DIFFUSERS_TO_COMFY = Renames("diffusers", "comfy", modules=_from_diffusers(_comfy_name),
+                             note="diffusers checkpoint -> ComfyUI names")
+
 _REFINER = Probe("txt_in.individual_token_refiner.blocks.0.norm1.weight")
 _TENCENT = (Probe("double_blocks.0.img_attn_proj.weight"), _REFINER)
 # ComfyUI's names are Flux's double blocks: probing Flux's own sentinel plus the token refiner (only here) makes
 # this layout's probes a superset of Flux's, so detection keeps the more specific family
 _COMFY = (Probe("double_blocks.0.img_attn.qkv.weight"), _REFINER)
+# diffusers' names are Flux's too: Flux's two diffusers probes plus the token refiner (1.0), or the refiner and the
+# double blocks' text projection (1.5, no single blocks), so a HunyuanVideo folder is not taken for Flux
+_D_REFINER = Probe("context_embedder.token_refiner.refiner_blocks.0.norm1.weight")
+_DIFFUSERS_10 = (Probe("single_transformer_blocks.0.proj_mlp.weight"), Probe("transformer_blocks.0.attn.add_q_proj.weight"),
+                 _D_REFINER)
+_DIFFUSERS_15 = (Probe("transformer_blocks.0.attn.add_q_proj.weight"), _D_REFINER)
 
 # musubi-tuner / diffusion-pipe target the double and single blocks' linears.
 _EXTRACT_TARGETS = tuple(
@@ -224,6 +262,8 @@ vision_in.proj.3.weight 2048x1152
 vision_in.proj.4.weight 2048
 """
 
+_IN_CHANNELS = {16: "T2V (16 input channels)", 33: "I2V (33 input channels)", 65: "1.5 (65 input channels: T2V and I2V)"}
+
 FAMILY = Family(
     arch="hunyuanvideo",
     title="HunyuanVideo",
@@ -237,12 +277,19 @@ FAMILY = Family(
         Layout("dit-only", "", "comfy", _COMFY),  # Comfy-Org repackaged
         Layout("comfyui", "model.diffusion_model.", "tencent", _TENCENT),
         Layout("comfyui", "model.diffusion_model.", "comfy", _COMFY),
+        Layout("diffusers", "transformer.", "diffusers", _DIFFUSERS_10),  # hunyuanvideo-community/HunyuanVideo
+        Layout("diffusers", "", "diffusers", _DIFFUSERS_10),
+        Layout("diffusers", "transformer.", "diffusers", _DIFFUSERS_15),
+        Layout("diffusers", "", "diffusers", _DIFFUSERS_15),
     ),
     text_encoders=(),
     kohya_names={"dit": ("lora_unet_", "tencent")},
     renames=(
         COMFY_TO_TENCENT,
         TENCENT_TO_COMFY,
+        # before the tables that make diffusers names, so they read a diffusers base's own names only
+        DIFFUSERS_TO_TENCENT,
+        DIFFUSERS_TO_COMFY,
         Renames("tencent", "diffusers", modules=TENCENT_TO_DIFFUSERS, note="Tencent checkpoint -> diffusers"),
         # modules ComfyUI does not rename (txt_in.input_embedder, final_layer.*) reach diffusers' names directly
         Renames("comfy", "diffusers", modules=TENCENT_TO_DIFFUSERS, note="ComfyUI checkpoint -> diffusers"),
@@ -257,8 +304,12 @@ FAMILY = Family(
                 naming="comfy"),
         Variant("double_blocks.0.img_attn_q.weight", present="HunyuanVideo 1.5 (split q/k/v, no single blocks)",
                 naming="tencent"),
-        Variant("img_in.proj.weight", dim=1, sizes={16: "T2V (16 input channels)", 33: "I2V (33 input channels)",
-                                                    65: "1.5 (65 input channels: T2V and I2V)"}),
+        Variant("single_transformer_blocks.0.proj_mlp.weight", present="HunyuanVideo 1.0 (single blocks)",
+                naming="diffusers"),
+        Variant("time_embed.timestep_embedder.linear_1.weight", present="HunyuanVideo 1.5 (no single blocks)",
+                naming="diffusers"),
+        Variant("x_embedder.proj.weight", dim=1, naming="diffusers", sizes=_IN_CHANNELS),
+        Variant("img_in.proj.weight", dim=1, sizes=_IN_CHANNELS),
     ),
     quant_keep=("img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer."),
     block_groups=(BlockGroup("double{n}", "double_blocks.{n}."), BlockGroup("single{n}", "single_blocks.{n}.")),
