@@ -78,23 +78,32 @@ Examples:
   lorabake convert kohya_flux.safetensors --to diffusers -o flux_diffusers.safetensors
   lorabake convert diffusers_lora.safetensors --to comfyui -o comfy.safetensors
   lorabake convert lora.safetensors --to comfyui --like my_checkpoint.safetensors -o comfy.safetensors
+  lorabake convert sdxl_lora.safetensors:0.8@OUTD --to kohya -o sdxl_outd.safetensors
+  lorabake convert flux_lora.safetensors@double:0-7=0,single:*=0.5 --to comfyui -o flux_late.safetensors --dtype bf16
 """
 
 
 @click.command(epilog=CONVERT_EXAMPLES + "\n" + EXIT_CODES_HELP)
-@click.argument("lora", type=click.Path())
+@click.argument("lora", metavar="PATH[:STRENGTH[:TE_STRENGTH]][@BLOCKS]")
 @click.option("--to", "to", type=click.Choice(["kohya", "comfyui", "diffusers", "peft", "aitoolkit"]), required=True,
               help="The flavour of names (and alpha) to write.")
 @click.option("--like", type=click.Path(), help="A checkpoint whose own module names the output uses (header read only).")
 @click.option("-o", "--output", type=click.Path(), required=True, help="Output LoRA .safetensors file.")
+@click.option("--dtype", type=click.Choice(["keep", "fp16", "bf16", "fp32"]), default="keep", show_default=True,
+              help="Dtype of the written factors (keep: the input's; alpha tensors keep theirs).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON document.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--quiet", is_flag=True, help="Print only errors.")
-def convert(lora, to, like, output, as_json, force, quiet):
-    """The same LoRA under another trainer's names: renamed, split or fused exactly, alpha carried or folded."""
+def convert(lora, to, like, output, dtype, as_json, force, quiet):
+    """The same LoRA under another trainer's names: renamed, split or fused exactly, alpha carried or folded.
+
+    A strength or a per-block spec (as in merge's --lora) is folded into the factors; blocks at 0 are left out."""
     from lorabake import convert as conv
 
-    result = conv.run(conv.ConvertOptions(lora=lora, output=output, to=to, like=like, force=force))
+    spec = parse_lora_arg(lora)
+    result = conv.run(conv.ConvertOptions(lora=spec.path, output=output, to=to, like=like, force=force,
+                                          strength=spec.strength, te_strength=spec.te_strength, blocks=spec.blocks,
+                                          dtype=dtype))
     with stdio.report():
         if as_json:
             click.echo(to_json(conv.result_json(result)))

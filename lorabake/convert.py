@@ -18,36 +18,43 @@ with different scales have the ratio folded into their up block, and that is rep
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import re
+import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from lorabake import __version__, dtypes
+from lorabake import adapters, blocks, dtypes
 from lorabake.arch import FAMILIES
-from lorabake.convert_plan import OutModule, Plan, check_flavour, make_plan
+from lorabake.convert_plan import OutModule, Plan, check_flavour, kind_of, make_plan
+from lorabake.convert_write import metadata, result_json, summary_lines, write
 from lorabake.detect import detect_checkpoint
-from lorabake.errors import LoraFormatError, MatchError
+from lorabake.errors import LoraFormatError, MatchError, UsageError
 from lorabake.keymap import build_keymap
 from lorabake.lora_base import against_base, identify, virtual_checkpoint
 from lorabake.lora_format import LoraFile, parse_lora
+from lorabake.plan import LoraSpec
 from lorabake.st_reader import SafetensorsReader, check_input_path
-from lorabake.st_writer import SafetensorsWriter, check_output_path, tensor_bytes
+from lorabake.st_writer import check_output_path, tensor_bytes
 
-# metadata of the input that describes its bytes or its PEFT config: recomputed, never copied
-_DROPPED_METADATA = ("lora_adapter_metadata", "sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
+__all__ = ["ConvertOptions", "ConvertResult", "result_json", "run", "scaled", "summary_lines"]
+OUTPUT_DTYPES = ("keep", "fp16", "bf16", "fp32")
 
 
 @dataclass(frozen=True)
 class ConvertOptions:
+    """`strength`, `te_strength` and `blocks` (a per-block spec, `lorabake.block_spec`) are folded into
+    the factors; modules they leave at 0 are not written. `dtype`: of the written factors ("keep": the input's)."""
+
     lora: str
     output: str
     to: str
     like: str | None = None
     force: bool = False
+    strength: float = 1.0
+    te_strength: float | None = None
+    blocks: str | None = None
+    dtype: str = "keep"
 
 
 @dataclass
@@ -57,6 +64,8 @@ class ConvertResult:
     reference: str = ""
     counts: dict[str, int] = field(default_factory=dict)  # renamed / split / fused; "other naming": names not in the flavour's naming
     folded: list[str] = field(default_factory=list)  # output modules with a scale folded into up
+    weighted: list[str] = field(default_factory=list)  # input modules with a strength ≠ 1 folded in
+    removed: list[str] = field(default_factory=list)  # input modules at strength 0, not written
     modules: list[dict] = field(default_factory=list)
     output: str | None = None
     sha256: str | None = None
@@ -66,6 +75,11 @@ class ConvertResult:
 
 def run(opts: ConvertOptions) -> ConvertResult:
     flavour = check_flavour(opts.to)
+    if opts.dtype not in OUTPUT_DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}")
+    for value in (opts.strength, opts.te_strength):
+        if value is not None and not (math.isfinite(value) and abs(value) < 3.0e38):
+            raise UsageError(f"strength {value} for {opts.lora} is not a finite fp32 number")
     check_input_path(opts.lora)
     if opts.like:
         check_input_path(opts.like)
@@ -89,12 +103,20 @@ def run(opts: ConvertOptions) -> ConvertResult:
                                  path=opts.lora, hint="give --like BASE, a checkpoint it was trained for")
             header, info, keymap = _reference(lora)
             reference = f"the {FAMILIES[lora.arch].title} rule table"
+        strengths = _strengths(opts, lora, keymap, header, info)
+        result.removed = [stem for stem, value in strengths.items() if value == 0.0]
+        if result.removed:
+            lora = replace(lora, modules={s: m for s, m in lora.modules.items() if strengths[s] != 0.0})
+            if not lora.modules:
+                raise UsageError(f"every module of {opts.lora} is at strength 0 (strengths and block specs): "
+                                 "the output would hold nothing")
         plan = make_plan(lora, keymap, header, info, flavour, reader.tensors, reference=reference)
         result.architecture, result.reference = info.arch, reference
         data, input_sha = _read(reader)
-        items, config = _build(plan, lora, data, result)
-        meta = _metadata(opts, plan, lora, result, config, input_sha, info.arch)
-        _write(opts, items, meta, result, inputs, [reader, *([base] if base else [])])
+        out_dtype = None if opts.dtype == "keep" else dtypes.torch_dtype(dtypes.CLI_NAMES[opts.dtype])
+        items, config = _build(plan, lora, data, result, strengths=strengths, dtype=out_dtype)
+        meta = metadata(opts, plan, lora, result, config, input_sha, info.arch)
+        write(opts, items, meta, result, inputs, [reader, *([base] if base else [])])
         return result
     finally:
         reader.close()
@@ -116,6 +138,28 @@ def _reference(lora: LoraFile):
     return best[1:]
 
 
+def _strengths(opts: ConvertOptions, lora: LoraFile, keymap, header, info) -> dict[str, float]:
+    """stem -> the multiplier folded into its factors (strength × its block's value), as `merge` applies
+    them to the same weights; {} when none is asked."""
+    if opts.blocks is None and opts.strength == 1.0 and opts.te_strength is None:
+        return {}
+    spec = LoraSpec(opts.lora, opts.strength, opts.te_strength, opts.blocks)
+    weights, block_of = None, {}
+    if opts.blocks:
+        block_of = blocks.block_map(header, info)
+        weights = blocks.resolve(opts.blocks, info.arch, set(block_of.values()), set(info.components), lora=opts.lora)
+    out: dict[str, float] = {}
+    for stem in lora.modules:
+        targets = [keymap.targets[stem]] if stem in keymap.targets else list(keymap.spread.get(stem, ()))
+        values = {spec.strength_for(t.component) * (weights.factor(block_of.get(t.key), t.component) if weights else 1.0)
+                  for t in targets}
+        if len(values) > 1:
+            raise UsageError(f"block spec {opts.blocks!r} of {opts.lora}: module {stem!r} spans weights given "
+                             f"different values ({', '.join(f'{v:g}' for v in sorted(values))}); one file cannot carry that")
+        out[stem] = values.pop() if values else opts.strength  # no place in the table: make_plan names it
+    return out
+
+
 def _read(reader: SafetensorsReader) -> tuple[dict[str, torch.Tensor], str]:
     """Every tensor, and the SHA-256 of the data section (tensors in offset order)."""
     data = {name: reader.read(name) for name in reader.tensors}
@@ -130,8 +174,13 @@ def _read(reader: SafetensorsReader) -> tuple[dict[str, torch.Tensor], str]:
 # --------------------------------------------------------------------------------------------
 
 
-def _build(plan: Plan, lora: LoraFile, data: dict[str, torch.Tensor], result: ConvertResult):
-    """(output tensors sorted by name, {component prefix: {module name: (rank, alpha)}} for a PEFT config)."""
+def _build(plan: Plan, lora: LoraFile, data: dict[str, torch.Tensor], result: ConvertResult, *,
+           strengths: dict[str, float], dtype: torch.dtype | None):
+    """(output tensors sorted by name, {component prefix: {module name: (rank, alpha)}} for a PEFT config).
+
+    A strength ≠ 1 goes into the part ΔW is linear in (`adapters.strength_parts`: LoRA's up, LoHa's
+    w1_a, LoKr's w1, a diff, and the bias deltas), in the input's dtype when exact, else in fp32;
+    `dtype` then casts every factor (alpha and scale tensors keep theirs)."""
     flavour = plan.flavour
     items: dict[str, torch.Tensor] = {}
     config: dict[str, dict[str, tuple[int, float]]] = {}
@@ -148,10 +197,12 @@ def _build(plan: Plan, lora: LoraFile, data: dict[str, torch.Tensor], result: Co
             rank, scale, alpha_tensor = first.rank, _scale(first), parts.pop("alpha", None)
             scale_tensor = parts.pop("scale", None)
             alpha = first.alpha if (alpha_tensor is not None and scale_tensor is None) else None
+            parts = _with_strength(parts, strengths.get(first.stem, 1.0), lora, first)
         elif first.algo == "full":
-            parts, rank, scale, alpha_tensor, scale_tensor, alpha = _regroup_full(out, lora, data), None, 1.0, None, None, None
+            parts = _regroup_full(out, lora, data, strengths)
+            rank, scale, alpha_tensor, scale_tensor, alpha = None, 1.0, None, None, None
         else:
-            parts, rank, scale = _regroup_lora(out, lora, data, result)
+            parts, rank, scale = _regroup_lora(out, lora, data, result, strengths)
             split_only = len(out.sources) == 1
             alpha_tensor = data[first.parts["alpha"]] if split_only and "alpha" in first.parts else None
             scale_tensor = data[first.parts["scale"]] if split_only and "scale" in first.parts else None
@@ -171,6 +222,8 @@ def _build(plan: Plan, lora: LoraFile, data: dict[str, torch.Tensor], result: Co
             name = flavour.part_as.get(part, part)
             if name != part:
                 value = _magnitude_as(value, name, lora, first)
+            if dtype is not None and part not in ("alpha", "scale") and value.is_floating_point():
+                value = value.to(dtype)
             items[out.stem + flavour.suffixes[name]] = value
         result.modules.append({"output": out.stem, "inputs": [s.stem for s in out.sources], "action": action,
                                "rank": rank, "native_name": out.native})
@@ -180,7 +233,26 @@ def _build(plan: Plan, lora: LoraFile, data: dict[str, torch.Tensor], result: Co
                               path=lora.path, tensor=next(iter(lora.modules[stem].parts.values())),
                               hint="convert to kohya or comfyui")
     result.counts = {k: v for k, v in counts.items() if v}
+    result.weighted = [stem for stem, value in strengths.items() if value not in (0.0, 1.0)]
+    if dtype is not None or result.weighted:
+        for name, t in items.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise LoraFormatError("the result does not fit the output dtype (Inf)", path=result.options.output,
+                                      tensor=name, hint="use --dtype fp32 or a smaller strength")
     return sorted(items.items()), config
+
+
+def _with_strength(parts: dict[str, torch.Tensor], factor: float, lora: LoraFile, module) -> dict[str, torch.Tensor]:
+    """The module's parts with `factor` folded into the part(s) its change is linear in."""
+    if factor == 1.0:
+        return parts
+    names = adapters.strength_parts(module.algo, parts)
+    if names is None:
+        raise LoraFormatError(
+            f"module {module.stem!r} is {kind_of(module)}: its change is not linear in its factors, so a strength of "
+            f"{factor:g} cannot be folded into them", path=lora.path, tensor=next(iter(module.parts.values())),
+            hint="leave its block at 1 (or 0 to remove it), or bake it with `lorabake merge`")
+    return {p: scaled(t, factor) if p in names else t for p, t in parts.items()}
 
 
 def _scale(module) -> float:
@@ -206,8 +278,9 @@ def _magnitude_as(value: torch.Tensor, name: str, lora: LoraFile, module) -> tor
     return value.reshape(-1)
 
 
-def _regroup_lora(out: OutModule, lora: LoraFile, data, result: ConvertResult):
-    """(parts, rank, scale) of an output module made from row bands of LoRA modules."""
+def _regroup_lora(out: OutModule, lora: LoraFile, data, result: ConvertResult, strengths: dict[str, float]):
+    """(parts, rank, scale) of an output module made from row bands of LoRA modules; each band carries its
+    strength and its scale relative to the first source's (which the output's alpha gives)."""
     ups, downs, shapes = [], [], set()
     scale0 = _scale(lora.modules[out.sources[0].stem])
     dtype = None
@@ -216,8 +289,10 @@ def _regroup_lora(out: OutModule, lora: LoraFile, data, result: ConvertResult):
         up, down = data[m.parts["up"]], data[m.parts["down"]]
         rank = down.shape[0]
         band = up.reshape(up.shape[0], rank)[s.start : s.stop]
+        factor = strengths.get(s.stem, 1.0) * _scale(m) / scale0
+        if factor != 1.0:
+            band = scaled(band, factor)
         if _scale(m) != scale0:
-            band = scaled(band, _scale(m) / scale0)
             result.folded.append(out.stem)
         ups.append((s.at, band))
         downs.append(down)
@@ -244,19 +319,23 @@ def _regroup_lora(out: OutModule, lora: LoraFile, data, result: ConvertResult):
     return {"up": up.reshape(out.rows, total, *tail).contiguous(), "down": down.contiguous()}, total, scale0
 
 
-def _regroup_full(out: OutModule, lora: LoraFile, data) -> dict[str, torch.Tensor]:
+def _regroup_full(out: OutModule, lora: LoraFile, data, strengths: dict[str, float]) -> dict[str, torch.Tensor]:
     diffs, biases = [], []
     for s in out.sources:
         m = lora.modules[s.stem]
-        if "diff" in m.parts:
-            diffs.append((s.at, data[m.parts["diff"]][s.start : s.stop]))
-        if "diff_b" in m.parts:
-            biases.append((s.at, data[m.parts["diff_b"]][s.start : s.stop]))
+        factor = strengths.get(s.stem, 1.0)
+        for part, bands in (("diff", diffs), ("diff_b", biases)):
+            if part in m.parts:
+                band = data[m.parts[part]][s.start : s.stop]
+                bands.append((s.at, band if factor == 1.0 else scaled(band, factor)))
     parts = {}
     for part, bands in (("diff", diffs), ("diff_b", biases)):
         if bands:
             first = bands[0][1]
-            whole = torch.zeros(out.rows, *first.shape[1:], dtype=first.dtype)
+            dtype = first.dtype
+            for _, band in bands[1:]:
+                dtype = torch.promote_types(dtype, band.dtype)
+            whole = torch.zeros(out.rows, *first.shape[1:], dtype=dtype)
             for at, band in bands:
                 whole[at : at + band.shape[0]] = band
             parts[part] = _transformed(whole, out.transform if part == "diff" else None, lora, out)
@@ -273,96 +352,3 @@ def _transformed(rows: torch.Tensor, transform: str | None, lora: LoraFile, out:
         first, second = rows.chunk(2)
         return torch.cat([second, first])
     return rows
-
-
-# --------------------------------------------------------------------------------------------
-# Metadata and output
-# --------------------------------------------------------------------------------------------
-
-
-def _metadata(opts, plan: Plan, lora: LoraFile, result: ConvertResult, config, input_sha: str, arch: str) -> dict[str, str]:
-    meta = {k: v for k, v in lora.metadata.items() if k not in _DROPPED_METADATA}
-    family = FAMILIES.get(arch)
-    if family is not None:
-        meta.setdefault("ss_base_model_version", family.kohya)
-        meta.setdefault("modelspec.architecture", family.modelspec + "/lora")
-    ranks = {m["rank"] for m in result.modules}
-    if plan.flavour.alpha == "tensor":
-        lycoris = any(m.algo != "lora" or m.dora or "mid" in m.parts for m in lora.modules.values())
-        meta.setdefault("ss_network_module", "lycoris.kohya" if lycoris else "networks.lora")
-        meta.setdefault("ss_network_dim", str(ranks.pop()) if len(ranks) == 1 and None not in ranks else "Dynamic")
-    if config:
-        meta["lora_adapter_metadata"] = json.dumps(_peft_config(config, plan, lora), sort_keys=True)
-    meta["lorabake.convert"] = json.dumps(
-        {
-            "version": __version__,
-            "input": {"file": os.path.basename(opts.lora), "data_sha256": input_sha},
-            "to": plan.flavour.name,
-            "like": os.path.basename(opts.like) if opts.like else None,
-            "architecture": arch,
-            "modules": result.counts,
-            "alpha": {"tensor": "alpha tensors", "config": "lora_adapter_metadata",
-                      "fold": "alpha/rank folded into lora_B (up)"}[plan.flavour.alpha],
-            "folded": len(set(result.folded)),
-        },
-        separators=(",", ":"), sort_keys=True,
-    )
-    return meta
-
-
-def _peft_config(config: dict[str, dict[str, tuple[int, float]]], plan: Plan, lora: LoraFile) -> dict:
-    """PEFT LoraConfig fields: the commonest rank and alpha, patterns (anchored, escaped names) for the rest."""
-    use_dora = any(m.dora for m in lora.modules.values())
-    out: dict = {}
-    for prefix, modules in config.items():
-        r = Counter(rank for rank, _ in modules.values()).most_common(1)[0][0]
-        alpha = Counter(a for _, a in modules.values()).most_common(1)[0][0]
-        doc = {
-            "peft_type": "LORA", "r": r, "lora_alpha": _number(alpha), "use_dora": use_dora,
-            "rank_pattern": {"^" + re.escape(n): rk for n, (rk, _) in modules.items() if rk != r},
-            "alpha_pattern": {"^" + re.escape(n): _number(a) for n, (_, a) in modules.items() if a != alpha},
-            "target_modules": "(" + "|".join(re.escape(n) for n in sorted(modules)) + ")",
-            "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "init_lora_weights": True,
-            "lora_bias": any("up_bias" in lora.modules[s].parts for s in lora.modules),
-        }  # fmt: skip
-        if plan.flavour.config_layout == "model":
-            return doc
-        out.update({f"{prefix.rstrip('.')}.{k}": v for k, v in doc.items()})
-    return out
-
-
-def _number(x: float) -> int | float:
-    return int(x) if float(x).is_integer() else float(x)
-
-
-def _write(opts, items, meta, result: ConvertResult, inputs, sources) -> None:
-    if not items:
-        raise LoraFormatError("the LoRA has no modules", path=opts.lora)
-    sha = hashlib.sha256()
-    for _, t in items:
-        sha.update(tensor_bytes(t))
-    meta["sshs_model_hash"] = sha.hexdigest()
-    meta["modelspec.hash_sha256"] = "0x" + sha.hexdigest()
-    entries = [(name, dtypes.tag_of(t.dtype), tuple(t.shape)) for name, t in items]
-    with SafetensorsWriter(opts.output, entries, meta, inputs=inputs, sources=sources, force=opts.force) as w:
-        for name, t in items:
-            w.write(name, t.contiguous())
-    result.output, result.sha256, result.data_sha256, result.metadata = opts.output, w.sha256, w.data_sha256, meta
-
-
-def summary_lines(result: ConvertResult) -> list[str]:
-    opts = result.options
-    done = ", ".join(f"{n} {k}" for k, n in sorted(result.counts.items())) or "none"
-    lines = [f"convert: {opts.lora} -> {result.output} ({opts.to} names, {result.architecture})",
-             f"modules: {len(result.modules)} ({done}); names from {result.reference}"]
-    if result.folded:
-        lines.append(f"scale folded into lora_B (up): {len(set(result.folded))} module(s)")
-    lines.append(f"sha256: {result.sha256}")
-    return lines
-
-
-def result_json(result: ConvertResult) -> dict:
-    return {"command": "convert", "input": result.options.lora, "output": result.output, "to": result.options.to,
-            "like": result.options.like, "architecture": result.architecture, "counts": result.counts,
-            "folded": sorted(set(result.folded)), "sha256": result.sha256, "data_sha256": result.data_sha256,
-            "modules": result.modules}

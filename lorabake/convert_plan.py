@@ -325,7 +325,7 @@ def _check_parts(lora: LoraFile, module: LoraModule, flavour: Flavour) -> None:
         name = flavour.part_as.get(part, part)
         if name not in flavour.suffixes and part not in ("alpha", "scale"):
             raise LoraFormatError(
-                f"module {module.stem!r} is {_kind(module)} ({part}), which {flavour.name} files cannot carry",
+                f"module {module.stem!r} is {kind_of(module)} ({part}), which {flavour.name} files cannot carry",
                 path=lora.path, tensor=key, hint="convert to kohya or comfyui, which carry LyCORIS modules as they are")
 
 
@@ -343,12 +343,12 @@ def _check_outputs(plan: Plan, lora: LoraFile) -> None:
             if regroup and (allowed is None or not set(module.parts) <= set(allowed)):
                 why = "fused with other modules" if out.action == "fused" else ("cut in bands" if s.stem in plan.split else f"given a {out.transform}")
                 raise LoraFormatError(
-                    f"module {s.stem!r} is {_kind(module)}; in {plan.flavour.name} names it would have to be {why} "
+                    f"module {s.stem!r} is {kind_of(module)}; in {plan.flavour.name} names it would have to be {why} "
                     f"({out.stem!r}), which only plain LoRA factors and full diffs can be exactly",
                     path=lora.path, tensor=_first(module))
 
 
-def _kind(module: LoraModule) -> str:
+def kind_of(module: LoraModule) -> str:
     if module.dora:
         return "DoRA"
     if "mid" in module.parts:

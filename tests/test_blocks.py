@@ -341,3 +341,64 @@ def test_sdxl_vectors_bake_exactly_the_blocks_asked(tmp_path, sdxl, blocks, ids,
     code, _, err = run_main(["merge", base, "--lora", f"{lora}:0.8@{blocks}", "-o", out, "--dtype", "fp32"])
     assert code == 0, err
     check_bake(out, tensors, lora_tensors, stems, 0.8, lambda key: vector_factor(ids, values, lbw_block(key)))
+
+
+def test_convert_with_blocks_bakes_like_merge_with_blocks(tmp_path, sdxl):
+    """`convert LORA:0.8@OUTD` to diffusers names bakes to W + s·m·ΔW, the tensors `merge --lora LORA:0.8@OUTD`
+    gives (test_sdxl_vectors_bake_exactly_the_blocks_asked[OUTD]: same fixture, same check); removed blocks are not
+    written; `--dtype fp16` rounds the same factors once."""
+    base, tensors, lora, lora_tensors, stems = sdxl
+    ids, values = BLOCKID12, [1, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0]
+    factor = lambda key: vector_factor(ids, values, lbw_block(key))  # noqa: E731
+    converted = str(tmp_path / "outd.safetensors")
+    code, stdout, err = run_main(["convert", f"{lora}:0.8@OUTD", "--to", "diffusers", "-o", converted, "--json"])
+    assert code == 0, err
+    doc = json.loads(stdout)
+    kept = {stem for stem, key in stems.items() if factor(key) != 0}
+    assert set(doc["removed"]) == set(stems) - kept and set(doc["weighted"]) == kept
+    assert len(load_file(converted)) == 2 * len(kept)  # lora_A and lora_B of each kept module, nothing else
+    with safe_open(converted, "pt") as f:
+        prov = json.loads(f.metadata()["lorabake.convert"])
+    assert prov["input"]["blocks"] == "OUTD" and prov["input"]["strength"] == 0.8
+    baked = str(tmp_path / "baked.safetensors")
+    assert run_main(["merge", base, "--lora", converted, "-o", baked, "--dtype", "fp32"])[0] == 0
+    check_bake(baked, tensors, lora_tensors, stems, 0.8, factor)
+    half = str(tmp_path / "half.safetensors")
+    code, _, err = run_main(["convert", f"{lora}:0.8@OUTD", "--to", "diffusers", "-o", half, "--dtype", "fp16"])
+    assert code == 0, err
+    full, small = load_file(converted), load_file(half)
+    assert small.keys() == full.keys()
+    for key, t in small.items():
+        assert t.dtype == torch.float16 and torch.equal(t, full[key].to(torch.float16)), key
+
+
+def test_convert_with_a_flux_block_list_folds_into_fused_bands(tmp_path, flux):
+    """diffusers to_q/to_v of double0 are fused into kohya's qkv with their block's 0.5 in their bands; single0 at 0
+    is left out. Each kohya module's ΔW (alpha/rank · up@down, on the BFL weight it names) is s·m·ΔW of the
+    original, block by block: what merge with the same list adds (test_flux_streams_by_index), without a
+    FLUX-size bake."""
+    _, tensors, lora, lora_tensors, names = flux
+    spec = "double:0-7=0.5,single:0-10=0,OUT=2"
+    factors = {"double0": 0.5, "double8": 1.0, "single0": 0.0, "single37": 1.0, "IN": 1.0, "OUT": 2.0}
+    converted = str(tmp_path / "k.safetensors")
+    code, _, err = run_main(["convert", f"{lora}:1.5@{spec}", "--to", "kohya", "-o", converted])
+    assert code == 0, err
+    got = load_file(converted)
+    g = torch.Generator().manual_seed(0)
+    probe = {n: torch.randn(n, 8, generator=g, dtype=torch.float64) for n in (64, 3072)}  # ΔW·X identifies ΔW
+    expected: dict[str, torch.Tensor] = {}
+    for name, (key, rows) in names.items():
+        if factors[bfl_block(key)] == 0:
+            continue
+        up = lora_tensors[f"transformer.{name}.lora_B.weight"].double()
+        down = lora_tensors[f"transformer.{name}.lora_A.weight"].double()
+        dwx = expected.setdefault(key, torch.zeros(tensors[key].shape[0], 8, dtype=torch.float64))
+        dwx[rows if rows is not None else slice(None)] += 1.5 * factors[bfl_block(key)] * (up @ (down @ probe[down.shape[1]]))
+    stems = {"lora_unet_" + key[len(U):-len(".weight")].replace(".", "_"): key for key in expected}
+    assert {k.split(".")[0] for k in got} == set(stems)
+    for stem, key in stems.items():
+        up, down = got[stem + ".lora_up.weight"].double(), got[stem + ".lora_down.weight"].double()
+        scale = float(got[stem + ".alpha"]) / down.shape[0] if stem + ".alpha" in got else 1.0
+        want = expected[key]  # the folded 1.5·m is rounded once to the factors' fp32: compare at fp32's precision
+        torch.testing.assert_close(scale * up @ (down @ probe[down.shape[1]]), want, rtol=0,
+                                   atol=1e-6 * float(want.abs().max()), msg=key)

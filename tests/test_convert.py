@@ -220,6 +220,33 @@ def test_lycoris_modules_keep_their_tensors_through_kohya_and_comfyui(family_fil
     assert_bakes_alike(bake(files, comfy), bake(files, src), exact=True)
 
 
+def test_a_strength_goes_into_the_part_each_lycoris_change_is_linear_in(tmp_path):
+    """`convert LORA:0.5`: LoHa, LoKr and full-diff modules (with their bias deltas) change by exactly half their
+    textbook ΔW; a DoRA module's rescale is not linear in its factors, so a strength other than 1 or 0 is refused."""
+    from tests.test_loratools import raw_delta
+
+    meta = {"ss_base_model_version": "sdxl_base_v1-0"}
+    algos = dict(zip((stem for stem, *_ in SDXL_MODULES), ("loha", "lokr", "full")))  # one file, a type per module
+    tensors = {}
+    for module in SDXL_MODULES:
+        tensors.update(make_lora([module], algo=algos[module[0]], rank=4, conv3x3=True, seed=11))
+    src, out = str(tmp_path / "lyco.safetensors"), str(tmp_path / "lyco-half.safetensors")
+    save_file(tensors, src, metadata=meta)
+    res = to(src, "kohya", out, strength=0.5)
+    got = load_file(out)
+    assert got.keys() == tensors.keys() and len(res.weighted) == len(SDXL_MODULES)
+    assert any(k.endswith(".diff_b") for k in tensors)
+    for stem, algo in algos.items():
+        torch.testing.assert_close(raw_delta(got, stem, algo), 0.5 * raw_delta(tensors, stem, algo), rtol=1e-6, atol=0)
+        if stem + ".diff_b" in tensors:
+            assert torch.equal(got[stem + ".diff_b"], tensors[stem + ".diff_b"] * 0.5)
+    src = str(tmp_path / "dora.safetensors")
+    save_file(make_lora(SDXL_MODULES[:1], rank=4, dora=True, seed=3), src, metadata=meta)
+    with pytest.raises(LoraFormatError, match="is DoRA: its change is not linear in its factors"):
+        to(src, "kohya", str(tmp_path / "d.safetensors"), strength=0.5)
+    assert not (tmp_path / "d.safetensors").exists()
+
+
 def test_dora_goes_to_peft_names_and_back(family_files):
     files = family_files["sdxl"]
     folder = files[0]
@@ -289,7 +316,9 @@ def test_output_metadata_names_input_hash_and_flavour(family_files, tmp_path):
     with safe_open(out, "pt") as f:
         meta = f.metadata()
     prov = json.loads(meta["lorabake.convert"])
-    assert prov["input"] == {"file": "original.safetensors", "data_sha256": file_sha256(original, data_only=True)}
+    assert prov["input"] == {"file": "original.safetensors", "data_sha256": file_sha256(original, data_only=True),
+                             "strength": 1.0}
+    assert prov["dtype"] == "keep" and prov["removed"] == prov["weighted"] == 0
     assert prov["to"] == "diffusers" and prov["alpha"] == "lora_adapter_metadata"
     assert meta["sshs_model_hash"] == file_sha256(out, data_only=True) == doc["data_sha256"]
     assert meta["modelspec.hash_sha256"] == "0x" + meta["sshs_model_hash"]

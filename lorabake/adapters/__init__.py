@@ -182,6 +182,20 @@ def exact_factors(algo: str, parts: Mapping[str, Tensor]) -> tuple[Tensor, Tenso
     return adapter.factors(parts) if adapter.factors else None
 
 
+def strength_parts(algo: str, parts: Collection[str]) -> tuple[str, ...] | None:
+    """The parts to multiply by c so that the module's weight and bias changes are both c times
+    theirs (a strength folded into the file); None when no such parts exist: DoRA's rescale and
+    the weight-dependent types are not linear in their factors."""
+    adapter = get(algo)
+    if adapter.weight_dependent or any(p in parts for p in DORA_PARTS):
+        return None
+    linear = tuple(p for p in adapter.linear_in if p in parts)[:1]
+    acts_on_weight = any(p not in SCALAR_PARTS and p not in BIAS_PARTS for p in parts)
+    if acts_on_weight and not linear:
+        return None
+    return linear + tuple(p for p in BIAS_PARTS if p in parts)
+
+
 def rank_of(algo: str, shapes: Shapes) -> int | None:
     """The rank alpha is divided by, or None when alpha does not scale this type."""
     return get(algo).rank(shapes)
@@ -190,5 +204,5 @@ def rank_of(algo: str, shapes: Shapes) -> int | None:
 __all__ = [
     "ADAPTERS", "ALGORITHMS", "BIAS_PARTS", "DORA_PARTS", "PART_ALGO", "PART_NAMES", "REFUSED_PARTS",
     "SUFFIXES", "Adapter", "PartError", "algo_of", "bias_shape", "check_dtypes", "delta_shape", "exact_factors", "fits",
-    "get", "has_weight_change", "rank_of", "resolve", "target_fault",
+    "get", "has_weight_change", "rank_of", "resolve", "strength_parts", "target_fault",
 ]  # fmt: skip

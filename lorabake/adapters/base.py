@@ -70,7 +70,9 @@ class Adapter:
       without forming ΔW; None when this module's parts have no such form (then ΔW is factored whole);
     - `apply(w, parts, strength, scale)`: W' of a weight-dependent adapter;
     - `bias_part`: the part that carries a bias delta;
-    - `variant(shapes)`: the registered name of the variant these parts make (OFT vs BOFT).
+    - `variant(shapes)`: the registered name of the variant these parts make (OFT vs BOFT);
+    - `linear_in`: parts ΔW is linear in; multiplying the first one present by c multiplies ΔW by c
+      (how a strength is folded into a file's factors). Empty: ΔW is not linear in any part.
     """
 
     name: str
@@ -87,6 +89,7 @@ class Adapter:
     apply: Callable[[Tensor, Mapping[str, Tensor], float, float], Tensor] | None = None
     bias_part: str | None = None
     variant: Callable[[Shapes], str] | None = None
+    linear_in: tuple[str, ...] = ()
 
     @property
     def weight_dependent(self) -> bool:

@@ -37,4 +37,5 @@ ADAPTER = Adapter(
     natural=natural,
     raw=lambda p: p["diff"],
     bias_part="diff_b",
+    linear_in=("diff",),
 )

@@ -99,4 +99,5 @@ ADAPTER = Adapter(
     raw=raw,
     fresh=True,
     factors=factors,
+    linear_in=("hada_w1_a",),  # ΔW = (w1a·w1b) ⊙ (w2a·w2b)
 )

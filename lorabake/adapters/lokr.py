@@ -135,4 +135,5 @@ ADAPTER = Adapter(
     raw=raw,
     fresh=True,
     factors=factors,
+    linear_in=("lokr_w1", "lokr_w1_a"),  # ΔW = W1 ⊗ W2, W1 whole or w1_a·w1_b
 )

@@ -137,4 +137,5 @@ ADAPTER = Adapter(
     fresh=True,
     factors=factors,
     bias_part="up_bias",
+    linear_in=("up",),
 )

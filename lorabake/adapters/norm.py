@@ -30,4 +30,5 @@ ADAPTER = Adapter(
     natural=natural,
     raw=lambda p: p["w_norm"],
     bias_part="b_norm",
+    linear_in=("w_norm",),
 )
