@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from lorabake import dtypes
+from lorabake import devices, dtypes
 from lorabake.errors import LoraFormatError
 from lorabake.st_reader import SafetensorsReader, to_tensor
 
@@ -33,14 +33,15 @@ class LoraData:
         """SHA-256 of the LoRA's data section; refuse NaN/Inf naming the module; keep what fits."""
         owner = {key: m.stem for m in lora.modules.values() for key in m.parts.values()}
         sha = hashlib.sha256()
-        for name, buf in reader.iter_bytes(reader.tensors):
-            sha.update(buf)
-            info = reader.tensors[name]
-            if dtypes.is_float(info.dtype) and info.numel and dtypes.BY_TAG[info.dtype].torch is not None:
-                _check_finite(to_tensor(buf, info), reader.path, name, owner.get(name, name))
-            if name in owner and self.kept_bytes + len(buf) <= self.budget:
-                self._kept[(reader.path, name)] = buf
-                self.kept_bytes += len(buf)
+        with devices.one_thread():  # min/max are exact at any thread count; idle OpenMP threads spin
+            for name, buf in reader.iter_bytes(reader.tensors):
+                sha.update(buf)
+                info = reader.tensors[name]
+                if dtypes.is_float(info.dtype) and info.numel and dtypes.BY_TAG[info.dtype].torch is not None:
+                    _check_finite(to_tensor(buf, info), reader.path, name, owner.get(name, name))
+                if name in owner and self.kept_bytes + len(buf) <= self.budget:
+                    self._kept[(reader.path, name)] = buf
+                    self.kept_bytes += len(buf)
         return sha.hexdigest()
 
     def peek(self, reader: SafetensorsReader, name: str) -> torch.Tensor:

@@ -37,7 +37,7 @@ from contextlib import contextmanager
 
 import torch
 
-from lorabake import bake_kernel, delta, dtypes, finite, fold, rounding
+from lorabake import bake_kernel, delta, devices, dtypes, finite, fold, rounding
 
 Tensor = torch.Tensor
 
@@ -340,22 +340,13 @@ def compute(device: torch.device) -> Iterator[tuple[Executor | None, int, Pipeli
         if device.type != "cpu":
             yield None, 1, Pipeline(backend_for(device))
             return
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)  # as the threads below: a GEMM's bits depend on its thread count
-        try:
+        with devices.one_thread():  # as the threads below: a GEMM's bits depend on its thread count
             yield None, 1, Pipeline(backend_for(device))
-        finally:
-            torch.set_num_threads(before)
         return
     workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if device.type != "cpu" or workers <= 1:
         yield None, 1, None
         return
     _return_big_buffers()
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lorabake-bake") as pool:
-            yield pool, workers, None
-    finally:
-        torch.set_num_threads(before)
+    with devices.one_thread(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lorabake-bake") as pool:
+        yield pool, workers, None
