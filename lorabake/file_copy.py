@@ -64,9 +64,10 @@ def _read_write(src: int, dst: int, offset: int, count: int) -> int:
     return len(data)
 
 
-def hash_span(update: Callable[[memoryview], object], span: Span) -> None:
-    """Feed `span`'s bytes to `update` (a hash's `update`), read in chunks into one buffer."""
-    buf = memoryview(bytearray(min(CHUNK, span.size)))
+def hash_span(update: Callable[[memoryview], object], span: Span, buf: memoryview | None = None) -> None:
+    """Feed `span`'s bytes to `update` (a hash's `update`), read in chunks into `buf` (or a new buffer)."""
+    if buf is None:
+        buf = memoryview(bytearray(min(CHUNK, span.size)))
     done = 0
     while done < span.size:
         got = os.preadv(span.fd, [buf[: min(len(buf), span.size - done)]], span.offset + done)
@@ -76,13 +77,22 @@ def hash_span(update: Callable[[memoryview], object], span: Span) -> None:
         done += got
 
 
-def span_aware(update: Callable[[memoryview], object]) -> Callable[[object], None]:
-    """A hash consumer that takes byte chunks and `Span`s alike."""
+class SpanHasher:
+    """A hash consumer that takes byte chunks and `Span`s alike, for one thread.
 
-    def consume(chunk) -> None:
-        if isinstance(chunk, Span):
-            hash_span(update, chunk)
-        else:
-            update(chunk)
+    Its read buffer is kept from span to span: a fresh 8 MiB buffer per copied tensor was
+    zero-filled and page-faulted each time (perf: ~6 % of an SD1.5 merge's CPU samples).
+    """
 
-    return consume
+    def __init__(self, update: Callable[[memoryview], object]) -> None:
+        self.update = update
+        self._buf: memoryview | None = None
+
+    def __call__(self, chunk) -> None:
+        if not isinstance(chunk, Span):
+            self.update(chunk)
+            return
+        want = min(CHUNK, chunk.size)
+        if self._buf is None or len(self._buf) < want:
+            self._buf = memoryview(bytearray(want))
+        hash_span(self.update, chunk, self._buf)

@@ -76,6 +76,8 @@ class SafetensorsWriter:
         self._file = None
         self._sha_file = hashlib.sha256()
         self._sha_data = hashlib.sha256()
+        self._hash_file = file_copy.SpanHasher(self._sha_file.update)  # on the thread that writes
+        self._hash_data = file_copy.SpanHasher(self._sha_data.update)  # on its own thread
         self.sha256: str | None = None
         self.data_sha256: str | None = None
         self._background_bytes = background_bytes
@@ -97,7 +99,7 @@ class SafetensorsWriter:
             prefix = struct.pack("<Q", len(self.header_bytes)) + self.header_bytes
             self._raw_write(prefix, data=False)
             if self._background_bytes > 0:
-                self._pipe = _Pipe(self._background_bytes, [self._write_and_hash, file_copy.span_aware(self._sha_data.update)])
+                self._pipe = _Pipe(self._background_bytes, [self._write_and_hash, self._hash_data])
         except BaseException:
             self.abort()
             raise
@@ -112,10 +114,7 @@ class SafetensorsWriter:
                 self._file.write(chunk)
         except OSError as exc:
             raise _os_error(exc, self.target) from None
-        if span is not None:
-            file_copy.hash_span(self._sha_file.update, span)
-        else:
-            self._sha_file.update(chunk)
+        self._hash_file(chunk)
 
     def _raw_write(self, chunk: bytes | bytearray | memoryview, *, data: bool) -> None:
         try:
@@ -183,7 +182,7 @@ class SafetensorsWriter:
             self._pipe.put(span, 0)  # holds no memory
         else:
             self._write_and_hash(span)
-            file_copy.hash_span(self._sha_data.update, span)
+            self._hash_data(span)
         self._next += 1
 
     def commit(self) -> None:

@@ -140,3 +140,24 @@ def test_merge_reads_only_what_it_changes_and_loras_once(tmp_path, monkeypatch, 
             assert torch.equal(after[name].view(torch.uint8), t.view(torch.uint8)), name
     assert not torch.equal(after[Q], before[Q])
     assert result.sha256 == _sha(out)
+
+
+def test_span_hasher_keeps_one_buffer_and_grows_it(tmp_path, monkeypatch):
+    data = os.urandom(3000)
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    monkeypatch.setattr(file_copy, "CHUNK", 1024)  # spans of several chunks
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        sha = hashlib.sha256()
+        hasher = file_copy.SpanHasher(sha.update)
+        spans = [(0, 100), (100, 50), (150, 2500), (2650, 350)]  # small, smaller, several chunks, one chunk
+        buffers = []
+        for offset, size in spans:
+            hasher(file_copy.Span(fd, offset, size))
+            buffers.append(hasher._buf)
+        hasher(memoryview(b"tail"))
+    finally:
+        os.close(fd)
+    assert sha.hexdigest() == hashlib.sha256(data + b"tail").hexdigest()
+    assert buffers[0] is buffers[1] and buffers[2] is buffers[3] and len(buffers[2]) == 1024
