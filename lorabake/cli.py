@@ -231,7 +231,7 @@ def inspect(files, as_json, with_hash, against, keys, with_blocks):
 @click.option("--alpha", type=float, help="Alpha written for every module (default: its rank, scale 1).")
 @click.option("--clamp-quantile", type=float, help="Clamp factors at this quantile (kohya's 0.99); off by default.")
 @click.option("--components", default="unet,te", show_default=True, help="Comma list of unet, dit, te, te1, te2, te3.")
-@click.option("--all-modules", is_flag=True, help="Every 2-D and 4-D weight, not only what trainers target.")
+@click.option("--all-modules", is_flag=True, help="Every weight, not only what trainers target; full deltas (diff, diff_b, diff_m) where a LoRA cannot carry one.")
 @click.option("--min-diff", type=float, default=0.0, show_default=True, help="Skip modules whose max |ΔW| is at most this.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True)

@@ -1,8 +1,8 @@
 """`lorabake extract`: a kohya-format LoRA from the difference of two checkpoints.
 
 Flow: detect both files and refuse a family or shape mismatch from the headers alone; choose the
-modules (trainer targets, or every 2-D/4-D weight with `all_modules`) and their kohya names from
-the base's key map; stream the pairs one base tensor at a time (only one pair and its ΔW are in
+modules (trainer targets; `all_modules`: every weight, as full deltas where a LoRA cannot carry one)
+and their kohya names from the base's key map; stream the pairs one base tensor at a time (only one pair and its ΔW are in
 memory; only the small up/down factors are kept); then lay out the output in name order, hash its
 data section from the in-RAM factors, put the hash in the header's metadata and write.
 
@@ -43,6 +43,7 @@ from lorabake import __version__, devices, dtypes, svd
 from lorabake.arch import FAMILIES
 from lorabake.detect import CheckpointInfo
 from lorabake.errors import MatchError, OutputError
+from lorabake.extract_full import FullDelta, full_delta
 from lorabake.extract_plan import (  # noqa: F401  (ExtractOptions & co. are this command's API)
     COMPONENT_CHOICES,
     OUTPUT_DTYPES,
@@ -93,7 +94,7 @@ def extract(
         _factorize_all(base, tuned, jobs, opts, out_tag, device, result, progress)
         base.verify_unchanged()  # after the last read: the factors come from one version of each file
         tuned.verify_unchanged()
-    if not result.modules:
+    if not result.modules and not result.full:
         raise MatchError(
             "the two checkpoints do not differ in any selected module: nothing to extract",
             path=opts.tuned,
@@ -147,12 +148,17 @@ def _factorize_all(
             if dw is None:
                 dw = to_tensor(raw_t, tinfo).to(device=device, dtype=torch.float32)
                 dw -= to_tensor(raw_b, binfo).to(device=device, dtype=torch.float32)
-            module = factorize_module(job, dw, opts, out_tag, tuned_path=tuned.path)
+            if job.part:  # --all-modules: kept whole
+                module = full_delta(job.stem, job.part, key, job.component, dw, min_diff=opts.min_diff,
+                                    out_dtype=dtypes.torch_dtype(out_tag), tuned_path=tuned.path)
+                module = module or Skipped(job.stem, key, "below min-diff")
+            else:
+                module = factorize_module(job, dw, opts, out_tag, tuned_path=tuned.path)
             t_math += time.perf_counter() - t0
             if isinstance(module, Skipped):
                 result.skipped.append(module)
             else:
-                result.modules.append(module)
+                (result.full if isinstance(module, FullDelta) else result.modules).append(module)
         del dw, raw_b, raw_t
         if progress:
             progress(binfo.nbytes + tinfo.nbytes)
@@ -239,6 +245,7 @@ def output_tensors(result: ExtractResult, out_tag: str) -> list[tuple[str, torch
         items.append((f"{m.stem}.alpha", torch.tensor(m.alpha, dtype=out_dtype)))
         items.append((f"{m.stem}.lora_down.weight", m.down))
         items.append((f"{m.stem}.lora_up.weight", m.up))
+    items += [(f"{f.stem}.{f.part}", f.diff) for f in result.full]
     items.sort(key=lambda item: item[0])
     return items
 
@@ -256,7 +263,7 @@ def build_metadata(opts: ExtractOptions, arch: str, result: ExtractResult) -> di
     dynamic = opts.rank_mode != "fixed"
     dim = "Dynamic" if dynamic else str(opts.rank)
     # a user alpha is the same for every module (as stored, i.e. rounded to the output dtype)
-    alpha = _fmt(result.modules[0].alpha) if opts.alpha is not None else dim
+    alpha = _fmt(result.modules[0].alpha) if opts.alpha is not None and result.modules else dim
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": dim,
@@ -294,8 +301,8 @@ def build_metadata(opts: ExtractOptions, arch: str, result: ExtractResult) -> di
             "min_diff": opts.min_diff,
             "split": "S in up",
             "modules": len(result.modules),
-            "rank_min": min(ranks),
-            "rank_max": max(ranks),
+            "rank_min": min(ranks, default=None),
+            "rank_max": max(ranks, default=None),
             "error": round(result.overall_error, 6),
         },
         separators=(",", ":"),
@@ -361,6 +368,7 @@ def extract_json(result: ExtractResult) -> dict:
         "alpha": opts.alpha,
         "dtype": opts.dtype,
         "modules": len(result.modules),
+        "full_deltas": [f"{f.stem}.{f.part}" for f in result.full],
         "rank_min": min(ranks) if ranks else None,
         "rank_max": max(ranks) if ranks else None,
         "error": result.overall_error,

@@ -16,6 +16,7 @@ from lorabake import dtypes, svd
 from lorabake.arch import FAMILIES, TEXT_ENCODER_KINDS
 from lorabake.detect import CheckpointInfo, detect_checkpoint
 from lorabake.errors import MatchError, UsageError
+from lorabake.extract_full import FullDelta, full_name
 from lorabake.keymap import KeyMap
 from lorabake.st_reader import SafetensorsReader
 from lorabake.types import TEXT_ENCODERS, RowSlice
@@ -54,6 +55,7 @@ class Job:
     rows: RowSlice | None
     shape: tuple[int, ...]  # of the module's ΔW (rows applied)
     max_rank: int
+    part: str | None = None  # a full delta written as `<stem>.<part>` (diff, diff_b, diff_m); None: LoRA factors
 
     @property
     def is_conv(self) -> bool:
@@ -97,6 +99,7 @@ class ExtractResult:
     modules: list[ModuleResult] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     unaddressable: list[str] = field(default_factory=list)  # weights with no kohya name in the key map
+    full: list[FullDelta] = field(default_factory=list)  # --all-modules: deltas a LoRA cannot carry
     output: str | None = None
     sha256: str | None = None
     data_sha256: str | None = None
@@ -210,15 +213,21 @@ def plan_jobs(
     jobs: list[Job] = []
     unaddressable: list[str] = []
     for key, tinfo in base.tensors.items():
-        if len(tinfo.shape) not in (2, 4) or not dtypes.is_float(tinfo.dtype):
+        if not tinfo.shape or not dtypes.is_float(tinfo.dtype):
             continue
         comp = next((c for c in roots if key.startswith(c.root)), None)
         if comp is None:
             continue
         rel = key[len(comp.root) :]
-        if not opts.all_modules and not _is_target(rel, targets[comp.name]):
+        lora = len(tinfo.shape) in (2, 4) and rel.endswith("weight")  # in_proj_weight too
+        if not opts.all_modules and not (lora and _is_target(rel, targets[comp.name])):
             continue
-        if opts.all_modules and not (rel.endswith("weight") or rel.endswith("in_proj_weight")):
+        if not lora:  # --all-modules: a full delta (modulation, 5-D patch embedding, norm, bias)
+            full = full_name(keymap, info, base.tensors, key, comp.root, comp.name)
+            if full is None:
+                unaddressable.append(key)
+            else:
+                jobs.append(Job(key, full[0], comp.name, None, tuple(tinfo.shape), 0, part=full[1]))
             continue
         named = kohya_modules(keymap, key)
         if not named:

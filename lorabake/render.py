@@ -352,6 +352,9 @@ def print_extract(doc: dict) -> None:
     worst = sorted(doc["per_module"], key=lambda m: m["error"], reverse=True)[:5]
     for m in worst:
         _out(f"    {_one(m['stem'])}: rank {m['rank']}, error {m['error']:.4g}")
+    if doc["full_deltas"]:
+        parts = sorted({name.rpartition(".")[2] for name in doc["full_deltas"]})
+        _out(f"  {len(doc['full_deltas'])} full deltas kept whole ({', '.join(parts)}): no LoRA carries them")
     if doc["skipped"]:
         _out("  skipped: " + ", ".join(f"{k} {v}" for k, v in doc["skipped"].items()))
     if doc["unaddressable"]:

@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     # 3: the rule table
     ("keymap",),
     # 4: what a LoRA is for (matching against rule tables), and the plan
-    ("lora_base", "blocks", "plan", "extract_plan", "convert_plan"),
+    ("lora_base", "blocks", "plan", "extract_full", "extract_plan", "convert_plan"),
     # 5: use cases: where files meet math
     ("ops", "extract", "inspection", "explain", "batch", "fanout", "loratools", "convert", "convert_write", "block_energy"),
     # 6: presentation

@@ -71,3 +71,38 @@ def test_extract_targets_attention_and_mlp_linears(tmp_path, name):
         else:
             assert torch.equal(back[key], base[key]), key
     assert json.loads(out)
+
+
+def test_all_modules_keeps_modulation_and_patch_embedding_as_full_deltas(tmp_path):
+    """`--all-modules` on a Wan pair changed everywhere: the 3-D `modulation` parameters come out as lightx2v's
+    `<block>.diff_m`, the 5-D patch embedding and the norms as `diff`, the biases as `diff_b` beside their
+    module's LoRA; merging the result into the base gives the tuned model back, tensor for tensor."""
+    variant = VARIANTS["wan21-t2v-14b"]
+    base = to_native(variant, build_model(variant, tiny=True).state_dict())
+    gen = torch.Generator().manual_seed(11)
+    tuned = {}
+    for k, v in base.items():
+        if v.dim() == 2:  # rank 4, so a rank-8 LoRA carries it exactly
+            v = v + 0.05 * torch.randn(v.shape[0], 4, generator=gen) @ torch.randn(4, v.shape[1], generator=gen)
+        else:
+            v = v + 0.05 * torch.randn(v.shape, generator=gen)
+        tuned[k] = v.contiguous()
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+    code, out, err = run_main(["extract", str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors"),
+                               "-o", str(tmp_path / "lora.safetensors"), "--rank", "8", "--all-modules",
+                               "--dtype", "fp32", "--json"])
+    assert code == 0, err
+    assert json.loads(out)["unaddressable"] == []
+    lora = load_file(str(tmp_path / "lora.safetensors"))
+    assert torch.equal(lora["lora_unet_blocks_0.diff_m"], tuned["blocks.0.modulation"] - base["blocks.0.modulation"])
+    assert lora["lora_unet_head.diff_m"].shape == base["head.modulation"].shape == (1, 2, 16)
+    assert lora["lora_unet_patch_embedding.diff"].dim() == 5
+    assert {"lora_unet_blocks_0_norm3.diff", "lora_unet_blocks_0_self_attn_q.diff_b",
+            "lora_unet_blocks_0_self_attn_q.lora_up.weight"} <= set(lora)
+    code, _, err = run_main(["merge", str(tmp_path / "base.safetensors"), "--lora", str(tmp_path / "lora.safetensors"),
+                             "-o", str(tmp_path / "back.safetensors"), "--json"])
+    assert code == 0, err
+    back = load_file(str(tmp_path / "back.safetensors"))
+    for key in base:
+        torch.testing.assert_close(back[key], tuned[key], rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")

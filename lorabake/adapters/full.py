@@ -20,6 +20,10 @@ SUFFIXES = (
     Suffix(".diff_m", "diff"),
 )
 
+# The naming (a family's rename-table target) in which a modulation parameter goes by its block's name, as
+# lightx2v's `blocks.0.diff_m` names `blocks.0.modulation`: extract writes such deltas `<block>.diff_m`.
+MODULATION_NAMING = "lightx2v"
+
 
 def complete(parts: Collection[str]) -> bool:
     return True  # `diff` or a lone `diff_b` is a module
