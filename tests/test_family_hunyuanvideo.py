@@ -69,6 +69,8 @@ def _header(name: str, *, prefix: str = "", comfy: bool = False) -> dict[str, Te
         ("hunyuanvideo-t2v", "", True, "comfy", ("1.0", "T2V")),  # Comfy-Org repackaged
         ("hunyuanvideo-t2v", COMFY, True, "comfy", ("1.0", "T2V")),
         ("hunyuanvideo15-i2v", "", False, "tencent", ("1.5",)),
+        ("hunyuanimage21", "", False, "tencent", ("HunyuanImage 2.1",)),
+        ("hunyuanimage21", COMFY, True, "comfy", ("HunyuanImage 2.1",)),
     ],
 )
 def test_full_size_hunyuanvideo_is_detected_with_its_version(name, prefix, comfy, naming, words):
@@ -112,6 +114,7 @@ def _flux_blocks(key: str) -> bool:
         ("hunyuanvideo-t2v", None, "comfy", {}, "hunyuanvideo"),  # 312 of its 343 modules fit Flux too
         ("hunyuanvideo-t2v", "blocks", "comfy", {}, "hunyuanvideo"),  # blocks only: 20 double, 40 single
         ("hunyuanvideo15-i2v", None, "comfy", {}, "hunyuanvideo"),
+        ("hunyuanimage21", None, "musubi", {}, "hunyuanvideo"),  # width 3584: no Flux module fits
         # only what Flux has, name for name and shape for shape: Flux, unless metadata says otherwise
         ("hunyuanvideo-t2v", "flux", "comfy", {}, "flux"),
         ("hunyuanvideo-t2v", "flux", "musubi", {"ss_base_model_version": "hunyuan_video"}, "hunyuanvideo"),
@@ -271,3 +274,18 @@ def test_a_diffusers_folder_is_hunyuanvideo_and_takes_fused_loras(tmp_path, flav
     assert changed == {m + ".weight" for m in lora}
     assert {"single_blocks.0.linear1.weight", "double_blocks.0.img_attn_qkv.weight",
             "txt_in.individual_token_refiner.blocks.0.self_attn_qkv.weight"} <= changed
+
+
+def test_hunyuanimage21_takes_hunyuanvideo_loras(tmp_path):
+    """HunyuanImage 2.1 is HunyuanVideo 1.0's Tencent layout with 2-D patches (a Conv2d img_in) and byt5_in: a musubi
+    LoRA on every linear (fused img_attn_qkv, linear1, byt5_in) bakes as diffusers' fuse_lora on
+    HunyuanImageTransformer2DModel."""
+    variant, native, path, back = _base(tmp_path, "hunyuanimage21")
+    assert native["img_in.proj.weight"].dim() == 4
+    lora = random_lora(native, linear_modules(native), alpha=4.0, seed=6)  # img_in's Conv2d too
+    ours = _bake(tmp_path, path, write("musubi", lora), back, "musubi")
+    state = build_model(variant, tiny=True).state_dict()
+    reference = fused_reference(variant, to_diffusers_lora(variant, lora, state), STRENGTH)
+    changed = assert_close(ours, reference, native)
+    assert changed == {m + ".weight" for m in lora}
+    assert {"single_blocks.0.linear1.weight", "byt5_in.fc1.weight", "img_in.proj.weight"} <= changed

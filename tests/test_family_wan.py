@@ -63,6 +63,7 @@ DETECT_ROWS = [
     ("wan21-i2v-14b", "", ("I2V", "14B", "k_img")),
     ("wan22-ti2v-5b", "", ("TI2V", "Wan 2.2", "5B")),
     ("wan21-vace-14b", "", ("VACE", "14B")),
+    ("wan22-animate-14b", COMFY, ("Animate", "14B")),
 ]
 
 
@@ -273,3 +274,17 @@ def test_skyreels_v2_shares_the_wan_layout(tmp_path):
     assert changed == {m + ".weight" for m in lora}
     for m, module in lora.items():
         torch.testing.assert_close(ours[m + ".weight"], native[m + ".weight"] + STRENGTH * module.delta())
+
+
+@pytest.mark.parametrize("flavour", ["musubi", "diffusers"])
+def test_wan_animate_face_adapter_loras(tmp_path, flavour):
+    """Wan 2.2 Animate: LoRAs on the face adapter (k|v fused as `linear1_kv`, diffusers' to_k/to_v halves), the face
+    encoder's out_proj and the blocks, in musubi names and in diffusers' split names, as diffusers' fuse_lora."""
+    variant, native, path = _base(tmp_path, "wan22-animate-14b", "")
+    mods = linear_modules(native, include=r"^face_adapter\.|^face_encoder\.out_proj|^blocks\.0\.self_attn")
+    assert "face_adapter.fuser_blocks.0.linear1_kv" in mods
+    lora = random_lora(native, mods, alpha=4.0 if flavour == "musubi" else None, seed=9)
+    diffusers_lora = to_diffusers_lora(variant, lora, build_model(variant, tiny=True).state_dict())
+    ours = _bake(tmp_path, path, diffusers_lora if flavour == "diffusers" else write("musubi", lora), "", name=flavour)
+    reference = fused_reference(variant, diffusers_lora, STRENGTH)
+    assert assert_close(ours, reference, native) == {m + ".weight" for m in lora}

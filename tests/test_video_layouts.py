@@ -22,7 +22,7 @@ from tests.videofam import ARCH_DIR, VARIANTS, build_model, to_diffusers, to_nat
 pytest.importorskip("diffusers")
 
 _LATER_BLOCK = re.compile(r"^(model\.diffusion_model\.|net\.)?(blocks|vace_blocks|double_blocks|single_blocks|"
-                          r"transformer_blocks|visual_transformer_blocks)\.([1-9]\d*)\.")
+                          r"transformer_blocks|visual_transformer_blocks|face_adapter\.fuser_blocks)\.([1-9]\d*)\.")
 
 
 def _doc(name: str) -> dict:

@@ -34,6 +34,7 @@ class Row:
     native: str
     band: int | None = None
     swap: bool = False  # the native tensor holds (shift, scale) where diffusers holds (scale, shift)
+    lift: bool = False  # the native tensor is [1, C, 1, 1] where diffusers has [C] (Wan Animate's motion encoder)
 
 
 def _rows(*rows: tuple) -> tuple[Row, ...]:
@@ -69,6 +70,34 @@ WAN_ROWS = _rows(
     (r"((?:vace_)?blocks\.\d+)\.ffn\.net\.2\.", r"\1.ffn.2."),
     (r"((?:vace_)?blocks\.\d+)\.norm2\.", r"\1.norm3."),
 )
+
+# Wan 2.2 Animate 14B: an I2V 14B plus the face adapter (fused k|v `linear1_kv`), face encoder, motion encoder and
+# pose patch embedding; read off diffusers convert_wan_transformer_to_diffusers (its face_adapter and motion_encoder
+# mappings, `linear1_kv` halved into to_k/to_v, the motion encoder's biases stored [1, C, 1, 1]).
+_ME = r"motion_encoder\."
+WAN_ANIMATE_ROWS = _rows(
+    (r"face_adapter\.(\d+)\.to_q\.", r"face_adapter.fuser_blocks.\1.linear1_q."),
+    (r"face_adapter\.(\d+)\.to_k\.", r"face_adapter.fuser_blocks.\1.linear1_kv.", 0),
+    (r"face_adapter\.(\d+)\.to_v\.", r"face_adapter.fuser_blocks.\1.linear1_kv.", 1),
+    (r"face_adapter\.(\d+)\.to_out\.", r"face_adapter.fuser_blocks.\1.linear2."),
+    (r"face_adapter\.(\d+)\.norm_([qk])\.", r"face_adapter.fuser_blocks.\1.\2_norm."),
+    (r"face_encoder\.(conv1_local|conv2|conv3)\.", r"face_encoder.\1.conv."),
+    (_ME + r"motion_synthesis_weight$", "motion_encoder.dec.direction.weight"),
+    (_ME + r"conv_in\.weight$", "motion_encoder.enc.net_app.convs.0.0.weight"),
+    (_ME + r"conv_in\.act_fn\.bias$", "motion_encoder.enc.net_app.convs.0.1.bias", None, False, True),
+    (_ME + r"conv_out\.weight$", "motion_encoder.enc.net_app.convs.8.weight"),
+    (_ME + r"motion_network\.", "motion_encoder.enc.fc."),
+    *((_ME + rf"res_blocks\.{i}\.conv1\.weight$", f"motion_encoder.enc.net_app.convs.{i + 1}.conv1.0.weight")
+      for i in range(7)),
+    *((_ME + rf"res_blocks\.{i}\.conv1\.act_fn\.bias$", f"motion_encoder.enc.net_app.convs.{i + 1}.conv1.1.bias",
+       None, False, True) for i in range(7)),
+    *((_ME + rf"res_blocks\.{i}\.conv2\.weight$", f"motion_encoder.enc.net_app.convs.{i + 1}.conv2.1.weight")
+      for i in range(7)),
+    *((_ME + rf"res_blocks\.{i}\.conv2\.act_fn\.bias$", f"motion_encoder.enc.net_app.convs.{i + 1}.conv2.2.bias",
+       None, False, True) for i in range(7)),
+    *((_ME + rf"res_blocks\.{i}\.conv_skip\.weight$", f"motion_encoder.enc.net_app.convs.{i + 1}.skip.1.weight")
+      for i in range(7)),
+) + WAN_ROWS
 
 # HunyuanVideo 1.0 and 1.5 share the token refiner and most block names; read off diffusers
 # convert_hunyuan_video_transformer_to_diffusers (1.0) and scripts/convert_hunyuan_video1_5_to_diffusers.py
@@ -126,6 +155,22 @@ HUNYUAN_ROWS = (
         (r"single_transformer_blocks\.(\d+)\.attn\.norm_([qk])\.", r"single_blocks.\1.\2_norm."),
         (r"single_transformer_blocks\.(\d+)\.norm\.linear\.", r"single_blocks.\1.modulation.linear."),
     )
+)
+# HunyuanImage 2.1: HunyuanVideo 1.0's Tencent names (fused img_attn_qkv, single blocks' linear1) without vector_in,
+# plus byt5_in, and time_r_in (meanflow) / guidance_in in the distilled model; read off diffusers
+# scripts/convert_hunyuan_image_to_diffusers.py (its tensor-parallel split of the fused tensors undone here).
+HUNYUANIMAGE_ROWS = (
+    _rows(
+        (r"time_guidance_embed\.timestep_embedder\.linear_1\.", "time_in.mlp.0."),
+        (r"time_guidance_embed\.timestep_embedder\.linear_2\.", "time_in.mlp.2."),
+        (r"time_guidance_embed\.timestep_embedder_r\.linear_1\.", "time_r_in.mlp.0."),
+        (r"time_guidance_embed\.timestep_embedder_r\.linear_2\.", "time_r_in.mlp.2."),
+        (r"time_guidance_embed\.guidance_embedder\.linear_1\.", "guidance_in.mlp.0."),
+        (r"time_guidance_embed\.guidance_embedder\.linear_2\.", "guidance_in.mlp.2."),
+        (r"context_embedder_2\.norm\.", "byt5_in.layernorm."),
+        (r"context_embedder_2\.linear_([123])\.", r"byt5_in.fc\1."),
+    )
+    + tuple(r for r in HUNYUAN_ROWS if not r.pattern.startswith(r"time_text_embed"))
 )
 HUNYUAN15_ROWS = (
     _HY_REFINER
@@ -240,12 +285,31 @@ VARIANTS: dict[str, Variant] = {
                 dict(_WAN_TINY, vace_layers=[0], vace_in_channels=6), _identity_tail(WAN_ROWS),
                 "convert_wan_transformer_to_diffusers", source=_WAN_SRC + " (Wan-VACE-14B)",
                 short={"num_layers": 1, "vace_layers": [0]}),
+        Variant("wan22-animate-14b", "wan", "Wan 2.2 Animate 14B", "WanAnimateTransformer3DModel", {},
+                dict(_WAN_TINY, in_channels=12, latent_channels=4, image_dim=12, motion_encoder_size=16,
+                     motion_style_dim=16, motion_dim=4, motion_encoder_dim=16, face_encoder_hidden_dim=8,
+                     face_encoder_num_heads=2, inject_face_latents_blocks=1, motion_encoder_batch_size=1,
+                     motion_encoder_channel_sizes={"4": 16, "8": 16, "16": 16}),
+                _identity_tail(WAN_ANIMATE_ROWS), "convert_wan_transformer_to_diffusers",
+                source="diffusers 0.42.1 WanAnimateTransformer3DModel at its default config (= Wan2.2-Animate-14B)",
+                short={"num_layers": 1, "inject_face_latents_blocks": 1}),
         Variant("hunyuanvideo-t2v", "hunyuanvideo", "HunyuanVideo 1.0 T2V (13B)",
                 "HunyuanVideoTransformer3DModel", {},
                 dict(_HY_TINY, num_single_layers=1, pooled_projection_dim=8),
                 _identity_tail(HUNYUAN_ROWS), "convert_hunyuan_video_transformer_to_diffusers",
                 source="diffusers 0.42.1 HunyuanVideoTransformer3DModel at its default config (= tencent/HunyuanVideo)",
                 short={"num_layers": 1, "num_single_layers": 1}),
+        Variant("hunyuanimage21", "hunyuanvideo", "HunyuanImage 2.1 (17B, 2-D patches)",
+                "HunyuanImageTransformer2DModel", {"text_embed_2_dim": 1472},
+                {"in_channels": 4, "out_channels": 4, "num_attention_heads": 2, "attention_head_dim": 8,
+                 "num_layers": 1, "num_single_layers": 1, "num_refiner_layers": 1, "mlp_ratio": 2.0,
+                 "text_embed_dim": 16, "text_embed_2_dim": 8, "rope_axes_dim": (4, 4)},
+                _identity_tail(HUNYUANIMAGE_ROWS), None, short={"num_layers": 1, "num_single_layers": 1},
+                source="diffusers 0.42.1 HunyuanImageTransformer2DModel at its default config with ByT5 "
+                "(text_embed_2_dim 1472, = tencent/HunyuanImage-2.1 hunyuanimage2.1.safetensors)",
+                check="no converter in the diffusers package; diffusers scripts/convert_hunyuan_image_to_diffusers.py "
+                "maps these names (its tensor-parallel split of img_attn_qkv and linear1 undone) onto the model's "
+                "state dict; ComfyUI comfy/model_detection.py reads the same names (no vector_in, 2-D patch size)"),
         Variant("hunyuanvideo15-i2v", "hunyuanvideo", "HunyuanVideo 1.5 480p I2V (8.3B)",
                 "HunyuanVideo15Transformer3DModel", {},
                 dict(_HY_TINY, text_embed_2_dim=8, image_embed_dim=12), _identity_tail(HUNYUAN15_ROWS), None,
@@ -304,6 +368,8 @@ def to_native(variant: Variant, state: dict[str, torch.Tensor], *, prefix: bool 
             native = m.expand(row.native) + key[m.end():]
             if row.swap:
                 tensor = torch.cat(tensor.chunk(2, dim=0)[::-1])
+            if row.lift:
+                tensor = tensor.reshape(1, -1, 1, 1)
             if row.band is None:
                 out[native] = tensor
             else:

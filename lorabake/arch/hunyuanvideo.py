@@ -1,4 +1,5 @@
-"""HunyuanVideo 1.0 and 1.5 (HunyuanImage 2.1 reuses the layout): Tencent names and ComfyUI's renames.
+"""HunyuanVideo 1.0 and 1.5, and HunyuanImage 2.1 (1.0's layout with 2-D patches): Tencent names, ComfyUI's renames,
+diffusers' names.
 
 Two spellings of one checkpoint are in use and both are bases: Tencent's (`double_blocks.N.img_attn_qkv`,
 `img_mlp.fc1`, `img_mod.linear`, `single_blocks.N.modulation.linear`) and ComfyUI's (`img_attn.qkv`,
@@ -60,11 +61,15 @@ TENCENT_TO_DIFFUSERS: dict[str, tuple[Alias, ...]] = {
     "txt_in.c_embedder.linear_1": (Alias("context_embedder.time_text_embed.text_embedder.linear_1"),),
     "txt_in.c_embedder.linear_2": (Alias("context_embedder.time_text_embed.text_embedder.linear_2"),),
     "img_in.proj": (Alias("x_embedder.proj"),),
-    # 1.0 names the time embedder time_text_embed.timestep_embedder, 1.5 time_embed.timestep_embedder
-    "time_in.mlp.0": (Alias("time_text_embed.timestep_embedder.linear_1"), Alias("time_embed.timestep_embedder.linear_1")),
-    "time_in.mlp.2": (Alias("time_text_embed.timestep_embedder.linear_2"), Alias("time_embed.timestep_embedder.linear_2")),
-    "guidance_in.mlp.0": (Alias("time_text_embed.guidance_embedder.linear_1"),),
-    "guidance_in.mlp.2": (Alias("time_text_embed.guidance_embedder.linear_2"),),
+    # 1.0 names the time embedder time_text_embed.timestep_embedder, 1.5 time_embed.timestep_embedder, HunyuanImage
+    # 2.1 time_guidance_embed.timestep_embedder (diffusers scripts/convert_hunyuan_image_to_diffusers.py)
+    **{f"time_in.mlp.{i}": tuple(Alias(f"{e}.timestep_embedder.linear_{j}")
+                                 for e in ("time_text_embed", "time_embed", "time_guidance_embed"))
+       for i, j in ((0, 1), (2, 2))},
+    **{f"guidance_in.mlp.{i}": (Alias(f"time_text_embed.guidance_embedder.linear_{j}"),
+                                Alias(f"time_guidance_embed.guidance_embedder.linear_{j}")) for i, j in ((0, 1), (2, 2))},
+    # HunyuanImage 2.1 distilled (meanflow): the second time embedder
+    **{f"time_r_in.mlp.{i}": (Alias(f"time_guidance_embed.timestep_embedder_r.linear_{j}"),) for i, j in ((0, 1), (2, 2))},
     "vector_in.in_layer": (Alias("time_text_embed.text_embedder.linear_1"),),
     "vector_in.out_layer": (Alias("time_text_embed.text_embedder.linear_2"),),
     "byt5_in.fc1": (Alias("context_embedder_2.linear_1"),),  # 1.5
@@ -215,6 +220,50 @@ vector_in.in_layer.weight 3072x768
 vector_in.out_layer.weight 3072x3072
 """
 
+# HunyuanImage 2.1 (tencent/HunyuanImage-2.1 hunyuanimage2.1.safetensors): 1.0's names, width 3584, 2-D patches
+_HI_21 = """\
+byt5_in.fc1.weight 2048x1472
+byt5_in.fc2.weight 2048x2048
+byt5_in.fc3.weight 3584x2048
+byt5_in.layernorm.weight 1472
+double_blocks.{0-19}.img_attn_k_norm.weight 128
+double_blocks.{0-19}.img_attn_proj.weight 3584x3584
+double_blocks.{0-19}.img_attn_q_norm.weight 128
+double_blocks.{0-19}.img_attn_qkv.weight 10752x3584
+double_blocks.{0-19}.img_mlp.fc1.weight 14336x3584
+double_blocks.{0-19}.img_mlp.fc2.weight 3584x14336
+double_blocks.{0-19}.img_mod.linear.weight 21504x3584
+double_blocks.{0-19}.txt_attn_k_norm.weight 128
+double_blocks.{0-19}.txt_attn_proj.weight 3584x3584
+double_blocks.{0-19}.txt_attn_q_norm.weight 128
+double_blocks.{0-19}.txt_attn_qkv.weight 10752x3584
+double_blocks.{0-19}.txt_mlp.fc1.weight 14336x3584
+double_blocks.{0-19}.txt_mlp.fc2.weight 3584x14336
+double_blocks.{0-19}.txt_mod.linear.weight 21504x3584
+final_layer.adaLN_modulation.1.weight 7168x3584
+final_layer.linear.weight 64x3584
+img_in.proj.weight 3584x64x1x1
+single_blocks.{0-39}.k_norm.weight 128
+single_blocks.{0-39}.linear1.weight 25088x3584
+single_blocks.{0-39}.linear2.weight 3584x17920
+single_blocks.{0-39}.modulation.linear.weight 10752x3584
+single_blocks.{0-39}.q_norm.weight 128
+time_in.mlp.0.weight 3584x256
+time_in.mlp.2.weight 3584x3584
+txt_in.c_embedder.linear_1.weight 3584x3584
+txt_in.c_embedder.linear_2.weight 3584x3584
+txt_in.individual_token_refiner.blocks.{0,1}.adaLN_modulation.1.weight 7168x3584
+txt_in.individual_token_refiner.blocks.{0,1}.mlp.fc1.weight 14336x3584
+txt_in.individual_token_refiner.blocks.{0,1}.mlp.fc2.weight 3584x14336
+txt_in.individual_token_refiner.blocks.{0,1}.norm1.weight 3584
+txt_in.individual_token_refiner.blocks.{0,1}.norm2.weight 3584
+txt_in.individual_token_refiner.blocks.{0,1}.self_attn_proj.weight 3584x3584
+txt_in.individual_token_refiner.blocks.{0,1}.self_attn_qkv.weight 10752x3584
+txt_in.input_embedder.weight 3584x3584
+txt_in.t_embedder.mlp.0.weight 3584x256
+txt_in.t_embedder.mlp.2.weight 3584x3584
+"""
+
 _HV_15 = """\
 byt5_in.fc1.weight 2048x1472
 byt5_in.fc2.weight 2048x2048
@@ -262,7 +311,8 @@ vision_in.proj.3.weight 2048x1152
 vision_in.proj.4.weight 2048
 """
 
-_IN_CHANNELS = {16: "T2V (16 input channels)", 33: "I2V (33 input channels)", 65: "1.5 (65 input channels: T2V and I2V)"}
+_IN_CHANNELS = {16: "T2V (16 input channels)", 33: "I2V (33 input channels)", 65: "1.5 (65 input channels: T2V and I2V)",
+                64: "HunyuanImage 2.1 (64 input channels, 2-D patches: its 32x VAE's latents)"}
 
 FAMILY = Family(
     arch="hunyuanvideo",
@@ -298,14 +348,13 @@ FAMILY = Family(
     lora_prefixes=(*DIT_LORA_PREFIXES, "Hunyuan_video_I2V_lora_"),
     extract_targets=_EXTRACT_TARGETS,
     variants=(
-        Variant("single_blocks.0.linear1.weight", present="HunyuanVideo 1.0 (fused q|k|v, single blocks)",
-                naming="tencent"),
-        Variant("single_blocks.0.linear1.weight", present="HunyuanVideo 1.0 (fused q|k|v, single blocks)",
-                naming="comfy"),
+        *(Variant("single_blocks.0.linear1.weight", naming=naming,
+                  present="HunyuanVideo 1.0 layout (fused q|k|v, single blocks; HunyuanImage 2.1 shares it)")
+          for naming in ("tencent", "comfy")),
         Variant("double_blocks.0.img_attn_q.weight", present="HunyuanVideo 1.5 (split q/k/v, no single blocks)",
                 naming="tencent"),
-        Variant("single_transformer_blocks.0.proj_mlp.weight", present="HunyuanVideo 1.0 (single blocks)",
-                naming="diffusers"),
+        Variant("single_transformer_blocks.0.proj_mlp.weight", naming="diffusers",
+                present="HunyuanVideo 1.0 layout (single blocks; HunyuanImage 2.1 shares it)"),
         Variant("time_embed.timestep_embedder.linear_1.weight", present="HunyuanVideo 1.5 (no single blocks)",
                 naming="diffusers"),
         Variant("x_embedder.proj.weight", dim=1, naming="diffusers", sizes=_IN_CHANNELS),
@@ -315,7 +364,7 @@ FAMILY = Family(
     block_groups=(BlockGroup("double{n}", "double_blocks.{n}."), BlockGroup("single{n}", "single_blocks.{n}.")),
     implementation="https://github.com/Tencent/HunyuanVideo",
     resolution="1280x720",
-    structures=(_HV_10, _HV_15),
+    structures=(_HV_10, _HV_15, _HI_21),
     # HunyuanVideo's ComfyUI and diffusers names are Flux's, block for block and shape for shape: every module
     # of a Flux LoRA fits it as well. A LoRA alone is called HunyuanVideo only when it wins outright (more
     # blocks, the token refiner, Tencent's fused names, or metadata breaking a tie); with a base, the base decides.

@@ -78,5 +78,7 @@ FAMILY = Family(
     implementation="https://github.com/kandinskylab/kandinsky-5",
     resolution="768x512",
     structures=(_LITE,),
+    # no gguf_arch: city96/ComfyUI-GGUF loader.py's IMG_ARCH_LIST has no Kandinsky name and refuses any name outside
+    # it, so a Kandinsky 5 GGUF keeps the family id (readable by lorabake and gguf-py, not by ComfyUI-GGUF)
     order=230,
 )

@@ -1,4 +1,4 @@
-"""Wan 2.1 / 2.2 (T2V, I2V, FLF2V, TI2V 5B, VACE, Fun; SkyReels V2 shares the layout): the Wan-AI DiT.
+"""Wan 2.1 / 2.2 (T2V, I2V, FLF2V, TI2V 5B, VACE, Fun, Animate; SkyReels V2 shares the layout): the Wan-AI DiT.
 
 Native names are the Wan-AI repository's (`blocks.N.self_attn.q`, `cross_attn.k_img`, `ffn.0`, `head.head`,
 5-D Conv3d `patch_embedding`); `blocks.N.modulation` and `head.modulation` are bare parameters, not
@@ -48,6 +48,17 @@ WAN_TO_DIFFUSERS: dict[str, tuple[Alias, ...]] = {
     "img_emb.proj.4": (Alias("condition_embedder.image_embedder.norm2"),),
     "head.head": (Alias("proj_out"),),
     "head.modulation": (Alias("scale_shift_table"),),
+    # Wan 2.2 Animate's face adapter: k and v fused as `linear1_kv` (halves), as diffusers'
+    # convert_wan_transformer_to_diffusers splits them; pose_patch_embedding keeps its name
+    "face_adapter.fuser_blocks.{n}.linear1_kv": (Alias("face_adapter.{n}.to_k", part="half1"),
+                                                 Alias("face_adapter.{n}.to_v", part="half2")),
+    "face_adapter.fuser_blocks.{n}.linear1_q": (Alias("face_adapter.{n}.to_q"),),
+    "face_adapter.fuser_blocks.{n}.linear2": (Alias("face_adapter.{n}.to_out"),),
+    "face_adapter.fuser_blocks.{n}.q_norm": (Alias("face_adapter.{n}.norm_q"),),
+    "face_adapter.fuser_blocks.{n}.k_norm": (Alias("face_adapter.{n}.norm_k"),),
+    "face_encoder.conv1_local.conv": (Alias("face_encoder.conv1_local"),),
+    "face_encoder.conv2.conv": (Alias("face_encoder.conv2"),),
+    "face_encoder.conv3.conv": (Alias("face_encoder.conv3"),),
 }
 
 # lightx2v distill LoRAs store the delta of a block's (or the head's) modulation parameter as `<block>.diff_m`
@@ -237,6 +248,11 @@ FAMILY = Family(
                                                         1536: "1.3B (width 1536)"}),
         Variant("blocks.0.cross_attn.k_img.weight", present="image cross-attention (k_img/v_img): Wan 2.1 I2V / FLF2V"),
         Variant("vace_blocks.0.before_proj.weight", present="VACE (vace_blocks): Wan 2.1 VACE or Wan 2.2 VACE-Fun"),
+        # the keys ComfyUI comfy/model_detection.py tells these apart by (model_type animate, camera, ref_conv)
+        Variant("face_adapter.fuser_blocks.0.k_norm.weight",
+                present="Animate (face_adapter, face_encoder, motion_encoder, pose_patch_embedding): Wan 2.2 Animate 14B"),
+        Variant("control_adapter.conv.weight", present="Wan-Fun Control-Camera (control_adapter)"),
+        Variant("ref_conv.weight", present="Wan-Fun V1.1 reference image (ref_conv): Wan-Fun Control"),
     ),
     quant_keep=("^head.", "time_projection."),
     block_groups=(BlockGroup("block{n}", "blocks.{n}."), BlockGroup("vace{n}", "vace_blocks.{n}.")),
