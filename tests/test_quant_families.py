@@ -44,8 +44,12 @@ CASES = {
 }
 
 
-# the formats each family is not baked in here (Qwen-Image's 18432-row modulation makes every output big)
-SHORT = {("qwen-image", "nvfp4"), ("qwen-image", "Q8_0"), ("wan", "fp8"), ("wan", "Q4_K_M")}
+# Each family is baked in one ComfyUI format and one GGUF type, so that between them the two families take all
+# four (Qwen-Image's 18432-row modulation makes every output big; the codecs themselves are tested on every
+# format in test_quant_codecs, test_quant_comfy and test_quant_gguf, Flux-shaped bases in test_quant_out).
+COMFY_CASES = [("qwen-image", "fp8"), ("wan", "nvfp4")]
+# (family, format, the type of the quantized layers, the type of the `_M` mix's one-up layer)
+GGUF_CASES = [("qwen-image", "Q4_K_M", "Q4_K", "Q6_K"), ("wan", "Q8_0", "Q8_0", "Q8_0")]
 
 
 def _shapes(name: str) -> dict[str, tuple[int, ...]]:
@@ -57,9 +61,21 @@ def _shapes(name: str) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v["shape"]) for k, v in read_fixture(name)["tensors"].items()}
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
-def family_base(request, tmp_path_factory):
-    name, keys, stems, kept, quantized, one_up = CASES[request.param]
+@pytest.fixture(scope="module")
+def family_bases(tmp_path_factory):
+    """family -> its base and LoRA, each built once for the module."""
+    made = {}
+
+    def get(family: str):
+        if family not in made:
+            made[family] = _build(family, tmp_path_factory)
+        return made[family]
+
+    return get
+
+
+def _build(family: str, tmp_path_factory):
+    name, keys, stems, kept, quantized, one_up = CASES[family]
     shapes = _shapes(name)
     gen = torch.Generator().manual_seed(0)
     values = {R + k: (torch.randn(shapes[k], generator=gen) * 0.02).to(torch.bfloat16) for k in keys}
@@ -67,14 +83,12 @@ def family_base(request, tmp_path_factory):
     stems = {s: R + k for s, k in stems.items()}
     lora = lora_for(stems, {k: tuple(values[k].shape) for k in stems.values()}, alpha=4.0)
     lora_path = save_lora(tmp_path_factory.mktemp("lora") / "l.safetensors", lora)
-    return request.param, path, values, lora, lora_path, stems, {R + k for k in kept}, {R + k for k in quantized}, R + one_up
+    return family, path, values, lora, lora_path, stems, {R + k for k in kept}, {R + k for k in quantized}, R + one_up
 
 
-@pytest.mark.parametrize("quant", ["fp8", "nvfp4"])
-def test_comfy_quant_keeps_the_family_layers_and_rebakes(tmp_path, family_base, quant):
-    arch, base, values, lora, lora_path, stems, kept, quantized, _ = family_base
-    if (arch, quant) in SHORT:
-        pytest.skip("the suite's time: each family takes one ComfyUI format (codecs: test_quant_codecs, test_quant_comfy)")
+@pytest.mark.parametrize("family, quant", COMFY_CASES, ids=["-".join(c) for c in COMFY_CASES])
+def test_comfy_quant_keeps_the_family_layers_and_rebakes(tmp_path, family_bases, family, quant):
+    arch, base, values, lora, lora_path, stems, kept, quantized, _ = family_bases(family)
     code, doc, err, out = merge(tmp_path, base, lora_path, "--quant", quant, strength=0.5)
     assert code == 0, err
     assert doc["base_architecture"] == arch
@@ -99,11 +113,9 @@ def test_comfy_quant_keeps_the_family_layers_and_rebakes(tmp_path, family_base, 
     assert any(not torch.equal(second[k], got[k]) for k in stems.values())
 
 
-@pytest.mark.parametrize("quant, low, high", [("Q8_0", "Q8_0", "Q8_0"), ("Q4_K_M", "Q4_K", "Q6_K")])
-def test_gguf_keeps_the_family_layers_and_rebakes(tmp_path, family_base, quant, low, high):
-    arch, base, _, _, lora_path, stems, kept, quantized, one_up = family_base
-    if (arch, quant) in SHORT:
-        pytest.skip("the suite's time: each family takes one GGUF type (encoders: test_quant_gguf)")
+@pytest.mark.parametrize("family, quant, low, high", GGUF_CASES, ids=[f"{c[0]}-{c[1]}" for c in GGUF_CASES])
+def test_gguf_keeps_the_family_layers_and_rebakes(tmp_path, family_bases, family, quant, low, high):
+    arch, base, _, _, lora_path, stems, kept, quantized, one_up = family_bases(family)
     code, _, err, out = merge(tmp_path, base, lora_path, "--quant", quant, out="out.gguf", strength=0.5)
     assert code == 0, err
     first = {t.name: (t.tensor_type.name, bytes(t.data)) for t in gguf.GGUFReader(str(out)).tensors}
