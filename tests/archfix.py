@@ -72,11 +72,13 @@ def build_checkpoint(
     seed: int = 0,
     rename: Callable[[str], str] | None = None,
     metadata: dict[str, str] | None = None,
+    max_dim: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Write a checkpoint with the real names/shapes of `names` (default: all) and random values.
 
     Float tensors are cast to `float_dtype` (None keeps the arch file's dtype). `rename` maps a
     real name to the name written (e.g. strip `model.diffusion_model.` for a DiT-only file).
+    `max_dim` caps every dimension (real names, tiny shapes: for tests of layout, not of shapes).
     Returns the tensors written, by written name.
     """
     spec = arch_tensors(arch)
@@ -87,6 +89,7 @@ def build_checkpoint(
         dtype = _TORCH[entry["dtype"]]
         if float_dtype is not None and dtype.is_floating_point:
             dtype = float_dtype
-        out[rename(name) if rename else name] = random_tensor(entry["shape"], dtype, gen)
+        shape = [min(d, max_dim) for d in entry["shape"]] if max_dim else entry["shape"]
+        out[rename(name) if rename else name] = random_tensor(shape, dtype, gen)
     save_file(out, path, metadata=metadata)
     return out
