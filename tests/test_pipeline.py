@@ -14,9 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorabake import bake_kernel, pipeline
+from lorabake import bake_kernel, pipeline, rounding
+from lorabake.types import RowSlice
 from tests.cli_helpers import run_main
-from tests.test_bake_kernel import CASES, lora, rnd
+from tests.test_bake_kernel import CASES as KERNEL_CASES
+from tests.test_bake_kernel import lora, rnd
 from tests.test_merge import CASES as MERGE_CASES
 from tests.test_merge import build_case
 
@@ -47,6 +49,23 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
     assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
+# The kernel's cases (real shapes, checked against whole-tensor math in test_bake_kernel), with the two
+# FLUX-width ones at SDXL width 1280: the same slices (three equal bands, v patched twice) and halves, 5.7x
+# and 7.5x fewer values, still more than one noise chunk (rounding._CHUNK) for the stochastic tests and
+# with slice edges inside the 3-row blocks. One real-shape FLUX qkv case stays (test_host_pipeline_on_flux_qkv).
+W = 1280
+CASES = {
+    **KERNEL_CASES,
+    "qkv_slices": lambda: (
+        (3 * W, W),
+        [lora(W, (W,), 16, slice=RowSlice(0, W)), lora(W, (W,), 16, slice=RowSlice(W, W)),
+         lora(W, (W,), 16, slice=RowSlice(2 * W, W)), lora(W, (W,), 4, slice=RowSlice(2 * W, W), strength=2.0)],
+    ),
+    "swap_halves": lambda: ((2 * W, W), [lora(2 * W, (W,), 16, transform="swap_halves"), lora(2 * W, (W,), 8)]),
+}
+assert CASES.keys() == KERNEL_CASES.keys()
+
+
 DTYPES = [(torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
           (torch.float16, torch.float32), (torch.bfloat16, torch.float8_e4m3fn)]
 FOLDED = sorted(c for c in CASES if c != "dora_between")
@@ -63,10 +82,22 @@ def test_host_pipeline_is_the_plain_kernel_bit_for_bit(case, stored_dtype, out_d
     assert got_lost == want_lost  # same blocks, same sums
 
 
+def test_host_pipeline_on_flux_qkv():
+    """The kernel's real-shape FLUX.1 fused qkv [9216, 3072], three slices and v twice, narrowed fp32 -> bf16."""
+    shape, patches = KERNEL_CASES["qkv_slices"]()
+    assert shape == (9216, 3072)
+    stored = rnd(*shape)
+    want, want_lost = plain(stored, patches, torch.bfloat16)
+    got, got_lost = piped(stored, patches, torch.bfloat16)
+    same_bits(got, want)
+    assert got_lost == want_lost
+
+
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float8_e5m2])
 def test_stochastic_rounding_takes_the_same_noise(out_dtype):
     shape, patches = CASES["qkv_slices"]()
     stored = rnd(*shape).to(torch.float32)  # narrowed: slices and untouched rows both re-encoded
+    assert stored.numel() > rounding._CHUNK  # the noise stream crosses a chunk edge mid-tensor
     got, _ = piped(stored, patches, out_dtype, mode="stochastic")
     same_bits(got, plain(stored, patches, out_dtype, mode="stochastic")[0])
 
@@ -191,6 +222,7 @@ def test_stream_pipeline_is_the_plain_kernel_bit_for_bit(case, stored_dtype, out
 def test_stochastic_rounding_through_streams():
     shape, patches = CASES["qkv_slices"]()
     stored = rnd(*shape)
+    assert stored.numel() > rounding._CHUNK
     got, _ = piped(stored, patches, torch.bfloat16, mode="stochastic", backend=LazyStreams())
     same_bits(got, plain(stored, patches, torch.bfloat16, mode="stochastic")[0])
 
@@ -251,38 +283,43 @@ def baked(monkeypatch) -> list:
     return seen
 
 
-def _merge(tmp_path, monkeypatch, env: str | None, *extra: str) -> tuple[int, str, str]:
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    """The folder of test_merge's SD1 base and LoRA, built once for the merges below."""
+    folder = tmp_path_factory.mktemp("sd1")
+    _, arch, patterns, dtype, naming, rows, metadata = MERGE_CASES[0]
+    build_case(folder, arch, patterns, dtype, naming, rows, metadata)
+    return folder
+
+
+def _merge(tmp_path, sd1, monkeypatch, env: str | None, *extra: str) -> tuple[int, str, str]:
     if env is None:
         monkeypatch.delenv(pipeline.ENV, raising=False)
     else:
         monkeypatch.setenv(pipeline.ENV, env)
     (tmp_path / f"env-{env}").mkdir(exist_ok=True)
     out = tmp_path / f"env-{env}" / "o.safetensors"  # the output's name is in its metadata
-    _, arch, patterns, dtype, naming, rows, metadata = MERGE_CASES[0]
-    if not (tmp_path / "base.safetensors").exists():
-        build_case(tmp_path, arch, patterns, dtype, naming, rows, metadata)
-    code, stdout, err = run_main(["merge", str(tmp_path / "base.safetensors"), "--lora", str(tmp_path / "lora0.safetensors"),
+    code, stdout, err = run_main(["merge", str(sd1 / "base.safetensors"), "--lora", str(sd1 / "lora0.safetensors"),
                                   "-o", str(out), "--device", "cpu", *extra])
     return code, err, str(out)
 
 
 @pytest.mark.parametrize("extra", [(), ("--dtype", "bf16"), ("--dtype", "fp16", "--rounding", "stochastic")])
-def test_merge_through_the_pipeline_writes_the_same_file(tmp_path, monkeypatch, baked, extra):
-    code, err, plain_out = _merge(tmp_path, monkeypatch, None, *extra)
+def test_merge_through_the_pipeline_writes_the_same_file(tmp_path, sd1, monkeypatch, baked, extra):
+    code, err, plain_out = _merge(tmp_path, sd1, monkeypatch, None, *extra)
     assert code == 0, err
     assert not baked
-    code, err, piped_out = _merge(tmp_path, monkeypatch, "1", *extra)
+    code, err, piped_out = _merge(tmp_path, sd1, monkeypatch, "1", *extra)
     assert code == 0, err
     assert baked and set(baked) == {"piped"}
     with open(plain_out, "rb") as a, open(piped_out, "rb") as b:
         assert a.read() == b.read()
-    assert any(not torch.equal(t, load_file(str(tmp_path / "base.safetensors"))[k]) for k, t in load_file(piped_out).items())
+    assert any(not torch.equal(t, load_file(str(sd1 / "base.safetensors"))[k]) for k, t in load_file(piped_out).items())
 
 
-def test_merge_out_of_range_is_the_same_error_through_the_pipeline(tmp_path, monkeypatch, baked):
+def test_merge_out_of_range_is_the_same_error_through_the_pipeline(tmp_path, sd1, monkeypatch, baked):
     """A strength that overflows fp16: the pipeline hands the tensor to the guarded plain path."""
-    _merge(tmp_path, monkeypatch, None)
-    lora_path = str(tmp_path / "lora0.safetensors")
+    lora_path = str(sd1 / "lora0.safetensors")
     outs = {}
     for env in (None, "1"):
         if env is None:
@@ -291,7 +328,7 @@ def test_merge_out_of_range_is_the_same_error_through_the_pipeline(tmp_path, mon
             monkeypatch.setenv(pipeline.ENV, env)
         (tmp_path / f"big-{env}").mkdir()
         out = tmp_path / f"big-{env}" / "big.safetensors"
-        args = ["merge", str(tmp_path / "base.safetensors"), "--lora", f"{lora_path}:1e9", "-o", str(out), "--device", "cpu", "--dtype", "fp16"]
+        args = ["merge", str(sd1 / "base.safetensors"), "--lora", f"{lora_path}:1e9", "-o", str(out), "--device", "cpu", "--dtype", "fp16"]
         code, _, err = run_main(args)
         assert code == 1 and "range" in err and not out.exists()
         code, _, err = run_main([*args, "--saturate"])
