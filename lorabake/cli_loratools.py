@@ -17,14 +17,15 @@ Examples:
   lorabake combine a.safetensors b.safetensors:-0.5 -o ab_r32.safetensors --rank 32
   lorabake resize big_r128.safetensors -o small.safetensors --rank 16
   lorabake resize big.safetensors -o dyn.safetensors --rank 64 --rank-mode energy --rank-param 0.95
+  lorabake combine dora.safetensors style.safetensors -o both.safetensors --base sdxl_base.safetensors --rank 64
 """
 
 
-def _run_loratool(command, specs, output, rank, rank_mode, rank_param, dtype, as_json, force, quiet):
+def _run_loratool(command, specs, output, rank, rank_mode, rank_param, dtype, base, as_json, force, quiet):
     from lorabake import loratools
 
     opts = loratools.ToolOptions(inputs=tuple(specs), output=output, rank=rank, rank_mode=rank_mode,
-                                 rank_param=rank_param, dtype=dtype, force=force, command=command)
+                                 rank_param=rank_param, dtype=dtype, force=force, command=command, base=base)
     result = loratools.run(opts)
     with stdio.report():
         if as_json:
@@ -42,6 +43,8 @@ def _loratool_options(fn):
         click.option("--rank-param", type=float, help="X for the dynamic rank modes."),
         click.option("--dtype", type=click.Choice(["keep", "fp16", "bf16", "fp32"]), default="keep", show_default=True,
                      help="Dtype of the written factors (keep: each module's input dtype)."),
+        click.option("--base", type=click.Path(), help="The checkpoint DoRA and weight-dependent (OFT, BOFT, IA3, "
+                     "GLoRA) modules were trained for: their exact change is computed from it and factored."),
         click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON document."),
         click.option("--force", is_flag=True, help="Overwrite an existing output file."),
         click.option("--quiet", is_flag=True, help="Print only errors."),
@@ -54,21 +57,21 @@ def _loratool_options(fn):
 @click.argument("loras", nargs=-1, required=True, metavar="PATH[:STRENGTH[:TE_STRENGTH]]...")
 @click.option("--rank", type=int, help="Reduce every module to this rank (optimal); default: exact stacking.")
 @_loratool_options
-def combine(loras, output, rank, rank_mode, rank_param, dtype, as_json, force, quiet):
+def combine(loras, output, rank, rank_mode, rank_param, dtype, base, as_json, force, quiet):
     """One LoRA whose effect equals baking all the given LoRAs at their strengths."""
     specs = [parse_lora_arg(text) for text in loras]
-    _run_loratool("combine", specs, output, rank, rank_mode, rank_param, dtype, as_json, force, quiet)
+    _run_loratool("combine", specs, output, rank, rank_mode, rank_param, dtype, base, as_json, force, quiet)
 
 
 @click.command(epilog=LORATOOL_EXAMPLES + "\n" + EXIT_CODES_HELP)
 @click.argument("lora", type=click.Path())
 @click.option("--rank", type=int, required=True, help="The new rank (the cap for a dynamic --rank-mode).")
 @_loratool_options
-def resize(lora, output, rank, rank_mode, rank_param, dtype, as_json, force, quiet):
+def resize(lora, output, rank, rank_mode, rank_param, dtype, base, as_json, force, quiet):
     """Shrink a LoRA's rank optimally (truncated SVD of each module's exact product), reporting the error."""
     from lorabake.plan import LoraSpec
 
-    _run_loratool("resize", [LoraSpec(lora)], output, rank, rank_mode, rank_param, dtype, as_json, force, quiet)
+    _run_loratool("resize", [LoraSpec(lora)], output, rank, rank_mode, rank_param, dtype, base, as_json, force, quiet)
 
 
 # -- convert -----------------------------------------------------------------------------------

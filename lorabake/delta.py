@@ -251,6 +251,11 @@ def _narrow(t: Tensor, sl: RowSlice | None) -> Tensor:
     return t.narrow(sl.dim, sl.start, sl.length)
 
 
+def lora_view(t: Tensor, sl: RowSlice | None, how: str | None) -> Tensor:
+    """The rows of checkpoint tensor `t` a module with this slice and transform sees, as it sees them."""
+    return _transform(_narrow(t, sl), how, "lora")
+
+
 def _transform(t: Tensor, how: str | None, algo: str) -> Tensor:
     """Checkpoint space ↔ LoRA space; both transforms are their own inverse."""
     if how is None:

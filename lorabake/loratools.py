@@ -1,7 +1,8 @@
-"""`lorabake combine` and `lorabake resize`: LoRA files in, one LoRA file out, without a base.
+"""`lorabake combine` and `lorabake resize`: LoRA files in, one LoRA file out, without a base (or with one).
 
 Flow: parse every input from its header; refuse what a LoRA file cannot carry (DoRA and the
-weight-dependent types, bias deltas, inputs trained for different families) before reading data;
+weight-dependent types without `--base`, bias deltas, inputs trained for different families) before
+reading data;
 then, module by module, take exact low-rank factors of each input (`module_factors`: LoHa, LoKr,
 Tucker and full diffs too, reported as such), fold its strength and alpha/rank into `up`, stack the
 factors exactly (`lowrank.stack`) and, when a rank is asked for, reduce them optimally
@@ -20,32 +21,35 @@ Decisions:
 * `resize` at a rank ≥ a module's own keeps that module's bytes as they are (exact, no rounding).
 * Errors are exact, not estimated: the dropped σ² of the stacked product's spectrum (the
   Eckart–Young optimum), before rounding the factors to the output dtype.
+* With `--base`, a module with a DoRA or weight-dependent term gets its whole change W' − W from the
+  base weight (`base_delta`: merge's own math, every input's term in order) and exact factors of it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from dataclasses import dataclass, field
 
 import torch
 
-from lorabake import __version__, adapters, blocks, dtypes, lowrank
+from lorabake import adapters, blocks, delta, dtypes, lowrank
 from lorabake.adapters.scale import scale_of
+from lorabake.base_delta import BaseWeights, Pending
 from lorabake.errors import LoraFormatError, UsageError
 from lorabake.lora_base import identify, module_component_hint, virtual_targets
 from lorabake.lora_format import LoraFile, parse_lora
+from lorabake.loratools_out import result_json, summary_lines, write
 from lorabake.module_factors import module_factors
 from lorabake.plan import LoraSpec
 from lorabake.st_reader import SafetensorsReader, check_input_path
-from lorabake.st_writer import SafetensorsWriter, check_output_path, tensor_bytes
+from lorabake.st_writer import check_output_path, tensor_bytes
 from lorabake.svd import RANK_MODES
 
+__all__ = ["ModuleReport", "ToolOptions", "ToolResult", "result_json", "run", "summary_lines"]
+
 OUTPUT_DTYPES = ("keep", "fp16", "bf16", "fp32")
-# metadata keys that say which base a LoRA is for: carried over when every input agrees
-_BASE_KEYS = ("ss_base_model_version", "modelspec.architecture", "ss_v2")
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class ToolOptions:
     dtype: str = "keep"
     force: bool = False
     command: str = "combine"
+    base: str | None = None  # the checkpoint DoRA and weight-dependent modules are computed against
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,7 @@ class _Term:
     down: torch.Tensor
     kernel: tuple[int, ...]  # down's shape after the rank axis ((in,) or (in, kh, kw))
     out_shape: tuple[int, ...]  # up's shape after the rank axis ((), or (1, 1) for LoCon)
+    patch: delta.Patch | None = None  # a weight-dependent term (no factors until the base gives its ΔW)
 
 
 @dataclass
@@ -131,46 +137,61 @@ def validate(opts: ToolOptions) -> None:
 def run(opts: ToolOptions) -> ToolResult:
     """Combine (or resize, with one input) the LoRA files of `opts` into `opts.output`."""
     validate(opts)
-    for spec in opts.inputs:
-        check_input_path(spec.path)
-    check_output_path(opts.output, inputs=[s.path for s in opts.inputs], force=opts.force)
+    for path in (*(spec.path for spec in opts.inputs), *((opts.base,) if opts.base else ())):
+        check_input_path(path)
     readers = [SafetensorsReader(spec.path) for spec in opts.inputs]
+    base_reader = SafetensorsReader(opts.base) if opts.base else None
     try:
+        inputs = [s.path for s in opts.inputs] + (base_reader.files() if base_reader else [])
+        check_output_path(opts.output, inputs=inputs, force=opts.force)
         # each input's family by matching (lorabake.lora_base), so inputs for different families are refused
         loras = [identify(parse_lora(r.tensors, r.metadata, path=r.path), r.tensors)[0] for r in readers]
-        _check_supported(loras)
+        base = BaseWeights(base_reader) if base_reader else None
+        _check_supported(loras, base)
         modules, namings, input_shas = _collect(opts, readers, loras)
         if not modules:
             raise UsageError("every module is at strength 0 (strengths and block specs): the output would change nothing")
+        from_base = _from_base(modules, base, loras)
         result = ToolResult(opts)
-        items = _build(opts, modules, namings, result, readers, loras)
-        _write(opts, items, result, loras, input_shas)
+        items = _build(opts, modules, namings, result, readers, loras, from_base)
+        write(opts, items, result, loras, input_shas, sources=[base_reader] if base_reader else [])
         return result
     finally:
-        for r in readers:
+        for r in (*readers, *((base_reader,) if base_reader else ())):
             r.close()
 
 
-def _check_supported(loras: list[LoraFile]) -> None:
+def _check_supported(loras: list[LoraFile], base: BaseWeights | None) -> None:
     archs = {lora.arch for lora in loras if lora.arch not in ("unknown", None)}
     if len(archs) > 1:
         names = ", ".join(f"{os.path.basename(lo.path)} ({lo.arch})" for lo in loras)
         raise UsageError(f"the inputs are for different model families: {names}")
+    if base is not None and archs and base.arch not in archs:
+        raise UsageError(f"the base {base.reader.path} is {base.arch}; the inputs are for {archs.pop()}")
     for lora in loras:
         if lora.unknown_keys:
             key = lora.unknown_keys[0]
             raise LoraFormatError("tensor belongs to no LoRA module", path=lora.path, tensor=key)
         for m in lora.modules.values():
             bias = sorted(set(m.parts) & set(adapters.BIAS_PARTS))
-            if m.dora or m.algo in adapters.WEIGHT_DEPENDENT_ALGOS or bias:
-                kind = "DoRA" if m.dora else (f"{m.algo} with a bias delta ({bias[0]})" if bias else m.algo)
+            first = next(iter(m.parts.values()))
+            if bias:
+                raise LoraFormatError(f"module {m.stem!r} is {m.algo} with a bias delta ({bias[0]}), which a LoRA "
+                                      "file's factors cannot carry", path=lora.path, tensor=m.parts[bias[0]],
+                                      hint="bake it into a base with `lorabake merge` instead")
+            if not _needs_base(m):
+                continue
+            if base is None:
                 raise LoraFormatError(
-                    f"module {m.stem!r} is {kind}: its change depends on the base weight or is not a low-rank "
-                    "ΔW, which a LoRA file cannot carry",
-                    path=lora.path,
-                    tensor=next(iter(m.parts.values())),
-                    hint="bake it into a base with `lorabake merge` instead",
-                )
+                    f"module {m.stem!r} is {'DoRA' if m.dora else m.algo}: its change depends on the base weight",
+                    path=lora.path, tensor=first,
+                    hint="pass --base BASE (the checkpoint it was trained for) to factor its exact change, "
+                    "or bake it with `lorabake merge`")
+            base.check(lora, m.stem, first)
+
+
+def _needs_base(module) -> bool:
+    return module.dora or module.algo in adapters.WEIGHT_DEPENDENT_ALGOS
 
 
 def _collect(opts, readers, loras):
@@ -191,23 +212,47 @@ def _collect(opts, readers, loras):
             _check_factors(lora, m, parts)
             scale = _scale(lora, m, parts)
             component = module_component_hint(stem) or "unet"
-            coef = spec.strength_for(component) * scale * factors.get(stem, 1.0)
+            strength = spec.strength_for(component) * factors.get(stem, 1.0)
+            coef = strength * scale
             if coef == 0.0:
                 continue  # a removed block (or strength 0): the module is left out, not written as zeros
+            terms = modules.setdefault(stem, [])
+            if _needs_base(m):  # its ΔW once the base weight is read (`_from_base`)
+                patch = delta.Patch(m.algo, {p: t.double() for p, t in parts.items()}, strength, dora=m.dora, scale=scale)
+                terms.append(_Term(1.0, None, None, (), (), patch))
+                namings.setdefault(stem, _naming(stem, m, parts))
+                continue
             target = targets.get(stem)
             f = module_factors(m.algo, parts, tuple(header[target.key].shape) if target and not target.slice else None)
             term = _Term(coef, f.up, f.down, f.kernel, f.out_shape)
-            terms = modules.setdefault(stem, [])
-            if terms and (terms[0].kernel, terms[0].up.shape[0]) != (term.kernel, term.up.shape[0]):
+            known = next((t for t in terms if t.patch is None), None)
+            if known and (known.kernel, known.up.shape[0]) != (term.kernel, term.up.shape[0]):
                 raise LoraFormatError(
                     f"module {stem!r} has shape {(term.up.shape[0], *term.kernel)} here but "
-                    f"{(terms[0].up.shape[0], *terms[0].kernel)} in an earlier input",
+                    f"{(known.up.shape[0], *known.kernel)} in an earlier input",
                     path=lora.path, tensor=next(iter(m.parts.values())),
                 )
             terms.append(term)
             if stem not in namings or (namings[stem].kind != "lora" and m.algo == "lora"):
                 namings[stem] = _naming(stem, m, parts)
     return modules, namings, shas
+
+
+def _from_base(modules: dict[str, list[_Term]], base: BaseWeights | None, loras: list[LoraFile]) -> dict[str, str]:
+    """Modules with a weight-dependent term: replaced by one term, exact factors of W' − W from the base.
+    Returns stem -> the kinds folded (for the report)."""
+    out: dict[str, str] = {}
+    for stem, terms in modules.items():
+        if not any(t.patch is not None for t in terms):
+            continue
+        lora = next(lo for lo in loras if stem in lo.modules)
+        tensor = next(iter(lora.modules[stem].parts.values()))
+        pending = [Pending(t.coef, t.up, t.down, t.patch) for t in terms]
+        up, down, shape = base.delta(stem, pending, path=lora.path, tensor=tensor)
+        kernel = shape[1:]
+        modules[stem] = [_Term(1.0, up, down, kernel, (1,) * (len(kernel) - 1))]
+        out[stem] = "+".join(dict.fromkeys("dora" if t.patch.dora else t.patch.algo for t in terms if t.patch))
+    return out
 
 
 def _check_factors(lora: LoraFile, m, parts: dict[str, torch.Tensor]) -> None:
@@ -246,7 +291,7 @@ def _scale(lora: LoraFile, m, parts: dict[str, torch.Tensor]) -> float:
     return scale_of(rank=rank, alpha=scalars.get("alpha"), scale_part=scalars.get("scale"), peft=lora.peft_scales.get(m.stem))
 
 
-def _build(opts, modules, namings, result, readers, loras) -> list[tuple[str, torch.Tensor]]:
+def _build(opts, modules, namings, result, readers, loras, from_base) -> list[tuple[str, torch.Tensor]]:
     """The output tensors, sorted by name (safetensors' canonical order)."""
     items: list[tuple[str, torch.Tensor]] = []
     for stem, terms in modules.items():
@@ -258,6 +303,7 @@ def _build(opts, modules, namings, result, readers, loras) -> list[tuple[str, to
         keep_as_is = (
             opts.command == "resize" and opts.rank_mode == "fixed" and rank_in <= opts.rank
             and stem not in loras[0].peft_scales  # PEFT's metadata scale is not copied: fold it instead
+            and stem not in from_base
         )
         if keep_as_is:
             norm = math.sqrt(lowrank.reduce(up, down, max_rank=rank_in).total_sq)
@@ -273,7 +319,8 @@ def _build(opts, modules, namings, result, readers, loras) -> list[tuple[str, to
             new_up, new_down, rank, action = reduced.up, reduced.down, reduced.rank, "reduced"
             error = reduced.relative_error
         norm = math.sqrt(reduced.total_sq)
-        action += "" if naming.kind == "lora" else f" from {naming.kind}"
+        action += f" from the base ({from_base[stem]})" if stem in from_base else (
+            "" if naming.kind == "lora" else f" from {naming.kind}")
         result.modules.append(ModuleReport(stem, shape, rank_in, rank, norm, error, action))
         if naming.alpha is not None:
             stored = torch.tensor(float(rank)).to(naming.alpha_dtype)
@@ -291,97 +338,3 @@ def _build(opts, modules, namings, result, readers, loras) -> list[tuple[str, to
 
 def _original_items(stem: str, reader: SafetensorsReader, lora: LoraFile) -> list[tuple[str, torch.Tensor]]:
     return [(key, reader.read(key)) for key in lora.modules[stem].parts.values()]
-
-
-def _write(opts, items, result: ToolResult, loras: list[LoraFile], input_shas: list[str]) -> None:
-    sha = hashlib.sha256()
-    for _, t in items:
-        sha.update(tensor_bytes(t))
-    digest = sha.hexdigest()
-    meta = _metadata(opts, result, loras, input_shas)
-    meta["sshs_model_hash"] = digest
-    meta["modelspec.hash_sha256"] = "0x" + digest
-    entries = [(name, dtypes.tag_of(t.dtype), tuple(t.shape)) for name, t in items]
-    with SafetensorsWriter(opts.output, entries, meta, inputs=[s.path for s in opts.inputs], force=opts.force) as w:
-        for name, t in items:
-            w.write(name, t)
-    result.output = opts.output
-    result.sha256 = w.sha256
-    result.data_sha256 = w.data_sha256
-    result.metadata = meta
-
-
-def _metadata(opts, result: ToolResult, loras: list[LoraFile], input_shas: list[str]) -> dict[str, str]:
-    meta: dict[str, str] = {}
-    for key in _BASE_KEYS:
-        values = {lo.metadata[key] for lo in loras if key in lo.metadata}
-        if len(values) == 1:
-            meta[key] = values.pop()
-    ranks = {m.rank_out for m in result.modules}
-    dim = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
-    meta.update(
-        {
-            "ss_network_module": "networks.lora",
-            "ss_network_dim": dim,
-            "ss_network_alpha": dim,
-            "ss_training_comment": f"lorabake {opts.command}",
-        }
-    )
-    meta[f"lorabake.{opts.command}"] = json.dumps(
-        {
-            "version": __version__,
-            "inputs": [
-                {"file": os.path.basename(s.path), "data_sha256": h, "strength": s.strength,
-                 "te_strength": s.te_strength, **({"blocks": s.blocks} if s.blocks else {})}
-                for s, h in zip(opts.inputs, input_shas)
-            ],
-            "rank": opts.rank,
-            "rank_mode": opts.rank_mode,
-            "rank_param": opts.rank_param,
-            "modules": len(result.modules),
-            "error": round(result.overall_error, 8),
-        },
-        separators=(",", ":"),
-    )
-    return meta
-
-
-def summary_lines(result: ToolResult) -> list[str]:
-    """The plain summary printed after a run."""
-    opts = result.options
-    ranks = [m.rank_out for m in result.modules]
-    counts: dict[str, int] = {}
-    for m in result.modules:
-        counts[m.action] = counts.get(m.action, 0) + 1
-    done = ", ".join(f"{n} {action}" for action, n in sorted(counts.items()))
-    worst = max(result.modules, key=lambda m: m.error, default=None)
-    lines = [
-        f"{opts.command}: {len(opts.inputs)} input(s) -> {result.output}",
-        f"modules: {len(result.modules)} ({done}); rank {min(ranks, default=0)}..{max(ranks, default=0)}",
-        f"error: {result.overall_error:.3e} overall (relative Frobenius, exact)",
-    ]
-    if worst is not None and worst.error > 0:
-        lines.append(f"largest module error: {worst.error:.3e} in {worst.stem}")
-    lines.append(f"sha256: {result.sha256}")
-    return lines
-
-
-def result_json(result: ToolResult) -> dict:
-    """The `--json` document."""
-    ranks = [m.rank_out for m in result.modules]
-    return {
-        "command": result.options.command,
-        "output": result.output,
-        "inputs": [s.path for s in result.options.inputs],
-        "modules": len(result.modules),
-        "rank_min": min(ranks) if ranks else None,
-        "rank_max": max(ranks) if ranks else None,
-        "error": result.overall_error,
-        "sha256": result.sha256,
-        "data_sha256": result.data_sha256,
-        "per_module": [
-            {"stem": m.stem, "shape": list(m.shape), "rank_in": m.rank_in, "rank": m.rank_out,
-             "norm": m.norm, "error": m.error, "action": m.action}
-            for m in result.modules
-        ],
-    }

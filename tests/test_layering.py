@@ -32,7 +32,8 @@ LAYERS: list[tuple[str, ...]] = [
     # 4: what a LoRA is for (matching against rule tables), and the plan
     ("lora_base", "blocks", "plan", "extract_full", "extract_plan", "convert_plan"),
     # 5: use cases: where files meet math
-    ("ops", "extract", "inspection", "explain", "batch", "fanout", "loratools", "convert", "convert_write", "block_energy"),
+    ("ops", "extract", "inspection", "explain", "batch", "fanout", "loratools", "loratools_out", "base_delta", "convert",
+     "convert_write", "block_energy"),
     # 6: presentation
     ("progress", "render", "batch_render", "lora_args", "cli_loratools", "cli", "__main__"),
 ]

@@ -194,6 +194,7 @@ def test_unsupported_adapters_and_mixed_families_are_refused(tmp_path, sdxl):
         with pytest.raises(LoraFormatError, match="depends on the base weight") as err:
             loratools.run(loratools.ToolOptions(inputs=(LoraSpec(path),), output=str(tmp_path / "x.safetensors")))
         assert ("DoRA" if options else algo) in str(err.value) and path in str(err.value)
+        assert "pass --base BASE" in str(err.value)
     sd1 = str(tmp_path / "sd1.safetensors")
     save_file(make_lora([("lora_unet_down_blocks_0_attentions_0_proj_in", 320, 320)], rank=2), sd1,
               metadata={"ss_base_model_version": "sd_v1"})
@@ -271,3 +272,39 @@ def test_lycoris_types_combine_exactly_and_resize_optimally(tmp_path, sdxl, algo
         assert report.error == pytest.approx(optimal, rel=1e-6, abs=1e-9), report.stem
         got = raw_delta(resized, report.stem, "lora")
         assert float((got - want).norm() / want.norm()) == pytest.approx(optimal, rel=1e-5, abs=1e-7)
+
+
+def test_dora_and_oft_combine_against_the_base_into_what_merge_bakes(tmp_path, sdxl):
+    """With --base, a DoRA module (to_q) and an OFT module (attn2 to_k) become exact factors of merge's own
+    W' − W (merge's DoRA is checked against PEFT's merge in tests/test_lycoris_parity.py::test_peft_merge); with
+    a plain LoRA on the same to_q after it, the file bakes to what merging both originals in that order bakes.
+    Reduced to rank 16, each module's reported error is the relative distance to the exact change."""
+    folder, base, paths = sdxl
+    mixed = {**make_lora(MODULES_B[:1], rank=4, alpha=2.0, dora=True, seed=5),
+             **make_lora(MODULES_B[1:2], algo="oft", rank=4, seed=6)}
+    src = str(tmp_path / "mixed.safetensors")
+    save_file(mixed, src, metadata=SDXL_META)
+    specs = (LoraSpec(src, 0.7), LoraSpec(paths["a"], 0.5))
+    out, small = str(tmp_path / "c.safetensors"), str(tmp_path / "c16.safetensors")
+    res = loratools.run(loratools.ToolOptions(inputs=specs, output=out, base=base, dtype="fp32"))
+    actions = {m.stem: m.action for m in res.modules}
+    assert actions[K + "transformer_blocks_0_attn1_to_q"] == "stacked from the base (dora)"
+    assert actions[K + "transformer_blocks_0_attn2_to_k"] == "stacked from the base (oft)"
+    assert json.loads(res.metadata["lorabake.combine"])["base"] == "base.safetensors"
+    pair = bake(tmp_path, base, list(specs), "pair.safetensors")
+    one = bake(tmp_path, base, [LoraSpec(out)], "one.safetensors")
+    original = load_file(base)
+    for key in original:
+        delta_pair, delta_one = (pair[key] - original[key]).double(), (one[key] - original[key]).double()
+        assert float((delta_pair - delta_one).abs().max()) <= 1e-5 * float(delta_pair.abs().max()) + 1e-12, key
+    code, stdout, err = run_main(["combine", f"{src}:0.7", f"{paths['a']}:0.5", "-o", small, "--base", base,
+                                  "--rank", "16", "--dtype", "fp32", "--json"])
+    assert code == 0, err
+    per_module = json.loads(stdout)["per_module"]
+    exact, reduced = load_file(out), load_file(small)
+    for m in per_module:
+        want = raw_delta(exact, m["stem"], "lora")
+        got = raw_delta(reduced, m["stem"], "lora")
+        assert float((got - want).norm() / want.norm()) == pytest.approx(m["error"], rel=1e-4, abs=2e-6), m["stem"]
+    assert {m["action"] for m in per_module} >= {"reduced from the base (dora)", "reduced from the base (oft)"}
+    assert max(m["error"] for m in per_module) > 0.1  # DoRA's and OFT's changes are far from rank 16
