@@ -176,7 +176,7 @@ def _read(reader: SafetensorsReader) -> tuple[dict[str, torch.Tensor], str]:
 
 def _build(plan: Plan, lora: LoraFile, data: dict[str, torch.Tensor], result: ConvertResult, *,
            strengths: dict[str, float], dtype: torch.dtype | None):
-    """(output tensors sorted by name, {component prefix: {module name: (rank, alpha)}} for a PEFT config).
+    """(output tensors sorted by name, {component prefix: {module name: (rank, alpha, LoKr shapes)}} for a PEFT config).
 
     A strength ≠ 1 goes into the part ΔW is linear in (`adapters.strength_parts`: LoRA's up, LoHa's
     w1_a, LoKr's w1, a diff, and the bias deltas), in the input's dtype when exact, else in fp32;
@@ -214,7 +214,10 @@ def _build(plan: Plan, lora: LoraFile, data: dict[str, torch.Tensor], result: Co
                 parts["alpha"] = torch.tensor(scale * rank, dtype=torch.float32)
         elif flavour.alpha == "config":
             name = out.stem[len(out.prefix):]
-            config.setdefault(out.prefix, {})[name] = (rank, alpha if alpha is not None else scale * rank)
+            if first.algo == "lokr":  # PEFT's LoKrConfig: r and alpha from the factors' shapes (convert_write)
+                config.setdefault(out.prefix, {})[name] = (None, scale, {p: tuple(t.shape) for p, t in parts.items()})
+            else:
+                config.setdefault(out.prefix, {})[name] = (rank, alpha if alpha is not None else scale * rank, None)
         elif scale != 1.0:  # fold: no alpha anywhere
             parts["up"] = scaled(parts["up"], scale)
             result.folded.append(out.stem)

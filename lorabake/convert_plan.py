@@ -45,6 +45,11 @@ KOHYA_SUFFIXES: dict[str, str] = {
 PEFT_SUFFIXES: dict[str, str] = {
     "up": ".lora_B.weight", "down": ".lora_A.weight", "up_bias": ".lora_B.bias", "magnitude": ".lora_magnitude_vector",
 }  # fmt: skip
+# PEFT-format LoKr (diffusers' `load_lora_adapter`, PEFT's LoKrConfig): the LyCORIS part names after the module
+# path; no Tucker core (PEFT's `lokr_t2` is its own conv layout)
+PEFT_LOKR_SUFFIXES: dict[str, str] = {
+    **PEFT_SUFFIXES, **{p: "." + p for p in adapters.ADAPTERS["lokr"].parts if p != "lokr_t2"},
+}  # fmt: skip
 # parts written under another part's name: PEFT's magnitude [out] is LyCORIS's dora_scale [out, 1]
 PART_AS = {
     "kohya": {"magnitude": "dora_scale"},
@@ -80,10 +85,11 @@ FLAVOURS: dict[str, Flavour] = {
     "comfyui": Flavour("comfyui", KOHYA_SUFFIXES, PART_AS["kohya"], "tensor", ("diffusion_model.", "native"),
                        ("text_encoders.", "hf")),
     # diffusers' save_lora_weights: component prefix, diffusers names, PEFT suffixes, config per component
-    "diffusers": Flavour("diffusers", PEFT_SUFFIXES, PART_AS["peft"], "config", ("diffusers", "diffusers"),
+    "diffusers": Flavour("diffusers", PEFT_LOKR_SUFFIXES, PART_AS["peft"], "config", ("diffusers", "diffusers"),
                          ("text_encoder", "hf"), "pipeline"),
     # a PEFT model save (get_peft_model_state_dict): one model, `base_model.model.`, config at top level
-    "peft": Flavour("peft", PEFT_SUFFIXES, PART_AS["peft"], "config", ("base_model.model.", "diffusers"), None, "model"),
+    "peft": Flavour("peft", PEFT_LOKR_SUFFIXES, PART_AS["peft"], "config", ("base_model.model.", "diffusers"), None,
+                    "model"),
     # ostris ai-toolkit: diffusers names and PEFT suffixes, no alpha anywhere
     "aitoolkit": Flavour("aitoolkit", PEFT_SUFFIXES, PART_AS["peft"], "fold", ("diffusers", "diffusers"),
                          ("text_encoder", "hf")),
@@ -235,6 +241,10 @@ def make_plan(
                                   hint="give --like BASE with a checkpoint the LoRA was trained for")
         component = keymap.component_of(stem) or "?"
         _check_fit(lora, module, own, tensors, reference)
+        if module.algo == "lokr" and flavour.alpha == "config" and any(len(header[p.key].shape) > 2 for p in own):
+            raise LoraFormatError(f"module {stem!r} is LoKr on a conv weight, which {flavour.name} files cannot carry "
+                                  "(PEFT lays a conv LoKr out with its kernel)", path=lora.path, tensor=_first(module),
+                                  hint="convert to kohya or comfyui, which carry LyCORIS modules as they are")
         want = wanted(flavour, info, component)
         if want is None:
             raise LoraFormatError(f"module {stem!r} is for the {component} component, which {flavour.name} files do not hold",

@@ -9,6 +9,7 @@ import re
 from collections import Counter
 
 from lorabake import __version__, dtypes
+from lorabake.adapters import lokr
 from lorabake.arch import FAMILIES
 from lorabake.convert_plan import Plan
 from lorabake.errors import LoraFormatError
@@ -59,25 +60,51 @@ def metadata(opts, plan: Plan, lora: LoraFile, result, config, input_sha: str, a
     return meta
 
 
-def _peft_config(config: dict[str, dict[str, tuple[int, float]]], plan: Plan, lora: LoraFile) -> dict:
-    """PEFT LoraConfig fields: the commonest rank and alpha, patterns (anchored, escaped names) for the rest."""
-    use_dora = any(m.dora for m in lora.modules.values())
+def _peft_config(config: dict[str, dict[str, tuple]], plan: Plan, lora: LoraFile) -> dict:
+    """PEFT config fields, per component: a LoraConfig (a LoKrConfig for LoKr modules), the commonest rank and
+    alpha, patterns (anchored, escaped names) for the rest."""
     out: dict = {}
-    for prefix, modules in config.items():
+    for prefix, entries in config.items():
+        if len({shapes is None for _, _, shapes in entries.values()}) > 1:
+            raise LoraFormatError(f"{prefix!r} has LoRA and LoKr modules; a PEFT config is one type for a model",
+                                  path=lora.path, hint="convert to kohya or comfyui, which carry both as they are")
+        if next(iter(entries.values()))[2] is not None:
+            modules, alpha_key, fields = _lokr_fields(prefix, entries, lora)
+        else:
+            modules, alpha_key = {n: (rk, a) for n, (rk, a, _) in entries.items()}, "lora_alpha"
+            fields = {
+                "peft_type": "LORA", "use_dora": any(m.dora for m in lora.modules.values()), "lora_dropout": 0.0,
+                "bias": "none", "use_rslora": False, "init_lora_weights": True,
+                "lora_bias": any("up_bias" in lora.modules[s].parts for s in lora.modules),
+            }  # fmt: skip
         r = Counter(rank for rank, _ in modules.values()).most_common(1)[0][0]
         alpha = Counter(a for _, a in modules.values()).most_common(1)[0][0]
         doc = {
-            "peft_type": "LORA", "r": r, "lora_alpha": _number(alpha), "use_dora": use_dora,
+            "peft_type": fields.pop("peft_type"), "r": r, alpha_key: _number(alpha),
             "rank_pattern": {"^" + re.escape(n): rk for n, (rk, _) in modules.items() if rk != r},
             "alpha_pattern": {"^" + re.escape(n): _number(a) for n, (_, a) in modules.items() if a != alpha},
             "target_modules": "(" + "|".join(re.escape(n) for n in sorted(modules)) + ")",
-            "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "init_lora_weights": True,
-            "lora_bias": any("up_bias" in lora.modules[s].parts for s in lora.modules),
+            **fields,
         }  # fmt: skip
         if plan.flavour.config_layout == "model":
             return doc
         out.update({f"{prefix.rstrip('.')}.{k}": v for k, v in doc.items()})
     return out
+
+
+def _lokr_fields(prefix: str, entries: dict[str, tuple], lora: LoraFile):
+    """({module: (r, alpha)}, "alpha", LoKrConfig's other fields): r as PEFT needs it to rebuild each module's
+    factors, alpha = the module's scale × r (PEFT scales by alpha/r)."""
+    factor, both, ranks = lokr.peft_layout({n: shapes for n, (_, _, shapes) in entries.items()})
+    if factor is None:
+        raise LoraFormatError(
+            f"module {prefix + ranks!r} is LoKr with factors PEFT's LoKrConfig cannot rebuild (a Tucker or conv w2, "
+            "ranks that differ between w1 and w2, or sides PEFT would store whole)", path=lora.path,
+            hint="convert to kohya or comfyui, which carry LyCORIS modules as they are")
+    modules = {n: (ranks[n], scale * ranks[n]) for n, (_, scale, _) in entries.items()}
+    fields = {"peft_type": "LOKR", "decompose_both": both, "decompose_factor": factor, "use_effective_conv2d": False,
+              "rank_dropout": 0.0, "module_dropout": 0.0, "init_weights": True}
+    return modules, "alpha", fields
 
 
 def _number(x: float) -> int | float:

@@ -277,6 +277,26 @@ def test_what_a_flavour_cannot_carry_is_refused_by_name(tmp_path, algo, flavour)
     assert f"which {flavour} files cannot carry" in lines[0]
 
 
+def test_lokr_that_peft_cannot_rebuild_is_refused_by_name(tmp_path):
+    """LoKr goes to PEFT names only as PEFT's LoKrConfig rebuilds it (tests/test_convert_loaders.py): not on a conv
+    weight, not with factors PEFT lays out otherwise, not next to LoRA modules (one config type per model)."""
+    meta = {"ss_base_model_version": "sdxl_base_v1-0"}
+    conv, linear = SDXL_MODULES[2], SDXL_MODULES[0]
+    cases = [
+        (make_lora([conv], algo="lokr", rank=4, conv3x3=True, seed=1), "is LoKr on a conv weight"),
+        # w2 factored at a rank PEFT would store whole (r ≥ max(b, d)/2: 640 = 20·32, so r ≥ 16)
+        (make_lora([linear], algo="lokr", rank=16, seed=1), "factors PEFT's LoKrConfig cannot rebuild"),
+        ({**make_lora([linear], algo="lokr", rank=4, seed=1), **make_lora([SDXL_MODULES[1]], rank=4, seed=2)},
+         "has LoRA and LoKr modules"),
+    ]
+    for i, (tensors, message) in enumerate(cases):
+        src = str(tmp_path / f"lokr{i}.safetensors")
+        save_file(tensors, src, metadata=meta)
+        with pytest.raises(LoraFormatError, match=message):
+            to(src, "peft", str(tmp_path / "p.safetensors"))
+        assert not (tmp_path / "p.safetensors").exists()
+
+
 def test_loha_on_a_band_of_a_fused_weight_cannot_be_fused_and_says_so(tmp_path):
     # LyCORIS LoHa trained on diffusers' FLUX.1 (separate to_q/to_k/to_v): kohya names the fused qkv only
     src = str(tmp_path / "loha-flux.safetensors")

@@ -119,6 +119,59 @@ def test_sdxl_peft_file_loads_in_peft(sdxl_case):
     assert len(assert_same_weights(ours, reference, base)) == n
 
 
+def test_sdxl_lokr_file_loads_in_peft_and_diffusers_as_lokr(sdxl_case, tmp_path):
+    """A LyCORIS LoKr (kohya names; w2 factored, or whole on every fourth module) converted to PEFT names with a
+    LoKrConfig: PEFT rebuilds the same factor shapes from that config (no unexpected or missing key) and its
+    merge at 0.7 equals lorabake's merge of the original at 0.7; so does diffusers' `load_lora_adapter` +
+    `fuse_lora` of the diffusers-names file. The Kronecker split lorabake assumes PEFT makes is checked against
+    PEFT's own `factorization`."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    from peft import LoKrConfig, get_peft_model, set_peft_model_state_dict
+    from peft.tuners.lokr.layer import factorization
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from lorabake.adapters import lokr
+    from tests.lorafix import make_lora
+
+    for dim in (*range(1, 130), 640, 2048, 3072, 5120):
+        for factor in (-1, 4, 7, 16):
+            assert lokr.factorization(dim, factor) == factorization(dim, factor), (dim, factor)
+    folder, base, _, _ = sdxl_case
+    to_sgm = ldm_unet_names("sdxl", SDXL_CONFIG)
+    linear = [(n, w) for n, w in lora_modules(tiny_sdxl_unet()) if w.ndim == 2]
+    tensors = {}
+    for i, (name, weight) in enumerate(linear):
+        stem = "lora_unet_" + to_sgm[name + ".weight"][len(UNET) : -len(".weight")].replace(".", "_")
+        tensors.update(make_lora([(stem, *weight.shape)], algo="lokr", rank=2, alpha=3.0, seed=i,
+                                 lokr_w2="full" if i % 4 == 0 else "factored"))
+    src, converted = tmp_path / "lokr.safetensors", tmp_path / "peft.safetensors"
+    save_file(tensors, str(src), metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    merge(folder / "base.safetensors", f"{src}:0.7", tmp_path / "ours.safetensors")
+    ours = convert_ldm_unet_checkpoint(load_file(str(tmp_path / "ours.safetensors")), SDXL_CONFIG)
+    _convert(src, "peft", converted, folder / "base.safetensors")
+    with safe_open(str(converted), "pt") as f:
+        config = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert config["peft_type"] == "LOKR" and config["rank_pattern"]  # w2 whole: a larger r, so PEFT keeps it whole
+    model = get_peft_model(tiny_sdxl_unet(), LoKrConfig(**{k: v for k, v in config.items() if k != "peft_type"}))
+    loaded = set_peft_model_state_dict(model, load_file(str(converted)))
+    assert not loaded.unexpected_keys
+    assert not [k for k in loaded.missing_keys if "lokr_" in k]
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.scale_layer(0.7)
+    merged = peft_merged_state_dict(model)
+    reference = {k.removeprefix("base_model.model."): v for k, v in merged.items() if "lokr_" not in k}
+    assert len(assert_same_weights(ours, reference, base)) == len(linear)
+    # diffusers names (`unet.`, the config per component) through diffusers' model loader, which reads LoKr
+    _convert(src, "diffusers", tmp_path / "diffusers.safetensors", folder / "base.safetensors")
+    unet = tiny_sdxl_unet()
+    # use_safetensors: else diffusers reads no lora_adapter_metadata and infers a config with alpha = r
+    unet.load_lora_adapter(str(tmp_path / "diffusers.safetensors"), prefix="unet", adapter_name="lokr", use_safetensors=True)
+    unet.fuse_lora(lora_scale=0.7)
+    fused = {k.replace(".base_layer", ""): v for k, v in clone(unet.state_dict()).items() if "lokr_" not in k}
+    assert len(assert_same_weights(ours, fused, base)) == len(linear)
+
+
 # --- FLUX.1: kohya BFL names (fused qkv, linear1) -> diffusers and ai-toolkit names in diffusers' loader ----
 
 

@@ -9,6 +9,7 @@ alpha does not scale (ComfyUI and A1111 agree).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping
 
 from lorabake.adapters.base import (
@@ -122,6 +123,62 @@ def _split(w: Tensor) -> tuple[Tensor, Tensor]:
     u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
     keep = max(1, int((s > s[0] * max(w.shape) * torch.finfo(torch.float64).eps).sum())) if s.numel() else 1
     return (u[:, :keep] * s[:keep]).to(w.dtype), vh[:keep].to(w.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# PEFT's LoKr (peft.LoKrConfig): one r, alpha, decompose_both and decompose_factor per model (r and alpha
+# per module by pattern), from which PEFT rebuilds each linear layer's factors: out = a·b and in = c·d split by
+# `factorization(·, decompose_factor)`, w1 [a, c] factored iff decompose_both and r < max(a, c)/2, w2 [b, d]
+# factored iff r < max(b, d)/2, ΔW scaled by alpha/r (peft/tuners/lokr/layer.py, LoKrLayer.update_layer).
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """(m, n), m ≤ n, m·n = dimension: (factor, dimension/factor) when `factor` divides it, else the divisor
+    pair nearest √dimension whose smaller side is at most `factor` (-1: no limit). LyCORIS and PEFT split LoKr
+    dimensions by this rule."""
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    cap = dimension if factor == -1 else factor
+    m, n, d = 1, dimension, 2
+    while m < n:
+        while dimension % d:
+            d += 1
+        if d > cap:
+            break
+        m, n, d = d, dimension // d, d + 1
+    return min(m, n), max(m, n)
+
+
+def peft_rank(shapes: Shapes, *, factor: int, decompose_both: bool) -> int | None:
+    """The r under which PEFT builds exactly these parts for a linear layer, or None when no r does
+    (a Tucker or conv w2, another split of the dimensions, or factors PEFT would make full)."""
+    (a, c), w2 = _w1(shapes), _w2(shapes)
+    if "lokr_t2" in shapes or len(w2) != 2:
+        return None
+    b, d = w2
+    if factorization(a * b, factor) != (a, b) or factorization(c * d, factor) != (c, d):
+        return None
+    ranks = {int(shapes[p][0]) for p in ("lokr_w1_b", "lokr_w2_b") if p in shapes}
+    if len(ranks) > 1:
+        return None  # PEFT has one r for both sides
+    r = ranks.pop() if ranks else math.ceil(max(b, d, *((a, c) if decompose_both else ())) / 2)
+    full_w1 = not (decompose_both and r < max(a, c) / 2)
+    full_w2 = r >= max(b, d) / 2
+    return r if (full_w1, full_w2) == ("lokr_w1" in shapes, "lokr_w2" in shapes) else None
+
+
+def peft_layout(modules: Mapping[str, Shapes]) -> tuple[int, bool, dict[str, int]] | tuple[None, bool, str]:
+    """(decompose_factor, decompose_both, {module: r}) under which PEFT rebuilds every module's factors;
+    (None, decompose_both, the first module no factor fits) when there is none. Factors tried: each module's
+    w1 rows (a fixed factor shows there), then -1."""
+    both = any("lokr_w1" not in shapes for shapes in modules.values())
+    candidates = sorted({_w1(shapes)[0] for shapes in modules.values()}) + [-1]
+    for factor in candidates:
+        ranks = {name: peft_rank(shapes, factor=factor, decompose_both=both) for name, shapes in modules.items()}
+        if None not in ranks.values():
+            return factor, both, ranks  # type: ignore[return-value]
+    misfit = next(n for n, s in modules.items() if peft_rank(s, factor=-1, decompose_both=both) is None)
+    return None, both, misfit
 
 
 ADAPTER = Adapter(
