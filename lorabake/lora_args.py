@@ -1,4 +1,4 @@
-"""The `PATH[:STRENGTH[:TE_STRENGTH]][@BLOCKS]` argument of merge, combine and resize, parsed for the CLI."""
+"""The `PATH[:STRENGTH[:TE_STRENGTH]][@BLOCKS]` argument of merge, combine, resize and convert."""
 
 from __future__ import annotations
 
