@@ -32,7 +32,7 @@ METADATA_ARCH_KEYS = ("modelspec.architecture", "ss_base_model_version")
 
 @dataclass(frozen=True)
 class ComponentInfo:
-    name: str  # "unet" | "dit" | "te1" | "te2" | "te3" | "vae"
+    name: str  # "unet" | "dit" | "te1" | "te2" | "te3" | "te4" | "vae"
     root: str  # key prefix, e.g. "cond_stage_model.transformer."
     kind: str  # a text encoder kind ("clip_l", "t5xxl", ...), the family's diffusion_kind, or "vae"
     params: int  # sum of numel of its float tensors

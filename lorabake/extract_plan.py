@@ -22,7 +22,7 @@ from lorabake.st_reader import SafetensorsReader
 from lorabake.types import TEXT_ENCODERS, RowSlice
 
 OUTPUT_DTYPES = ("fp16", "bf16", "fp32")
-COMPONENT_CHOICES = ("unet", "dit", "te", "te1", "te2", "te3")  # unet and dit both mean the diffusion model
+COMPONENT_CHOICES = ("unet", "dit", "te", "te1", "te2", "te3", "te4")  # unet and dit both mean the diffusion model
 
 
 @dataclass(frozen=True)

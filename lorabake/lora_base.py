@@ -189,6 +189,7 @@ _COMPONENT_PREFIXES = (
     ("text_encoder.", "te1", None),
     ("text_encoder_2.", "te2", None),
     ("text_encoder_3.", "te3", None),
+    ("text_encoder_4.", "te4", None),
     ("base_model.model.", "body", None),
     ("", "body", None),  # DiffSynth, BFL, XLabs: no prefix
 )

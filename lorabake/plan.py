@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 
 from lorabake import adapters, blocks, spread
+from lorabake.arch import FAMILIES
 from lorabake.detect import CheckpointInfo, detect_checkpoint
 from lorabake.errors import LoraFormatError, MatchError
 from lorabake.keymap import KeyMap, build_keymap
@@ -208,7 +209,7 @@ def _resolve(
         # known to lack anything, so there a name that matches nothing is unmatched
         known = keymap.arch != "unknown"
         if known and component is not None and component not in keymap.components_present:
-            return Outcome(stem, "skipped", component, f"base has no {component}"), []
+            return Outcome(stem, "skipped", component, f"base has no {_missing(keymap.arch, component)}"), []
         return Outcome(stem, "unmatched", component, "no tensor of the base has this name"), []
     refused = set(UNSUPPORTED_PARTS).intersection(module.parts)
     if refused:
@@ -241,6 +242,13 @@ def _resolve(
                 )
         planned.append(PlannedPatch(index, module, target, "bias", strength))
     return Outcome(stem, "applied", target.component, "", target.key), planned
+
+
+def _missing(arch: str, component: str) -> str:
+    """What a base lacks, as its family names the slot ("Qwen2.5-VL text encoder"), else the component."""
+    family = FAMILIES.get(arch)
+    title = next((te.title for te in family.text_encoders if te.component == component), "") if family else ""
+    return f"{title} text encoder" if title else component
 
 
 def _misfit(

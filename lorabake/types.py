@@ -35,8 +35,8 @@ class Target:
 
 
 # Components a checkpoint or LoRA module can belong to.
-COMPONENTS = ("unet", "dit", "te1", "te2", "te3", "vae")
-TEXT_ENCODERS = ("te1", "te2", "te3")
+COMPONENTS = ("unet", "dit", "te1", "te2", "te3", "te4", "vae")
+TEXT_ENCODERS = ("te1", "te2", "te3", "te4")
 
 
 @dataclass

@@ -36,7 +36,7 @@ AIO_ENCODER = {
     "lumina2": "text_encoders.gemma2_2b.transformer.model.layers.0.self_attn.q_proj.weight",
     "chroma": "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.weight",
     "hidream": "text_encoders.llama.transformer.model.layers.0.self_attn.q_proj.weight",
-    "krea2": "text_encoders.qwen3_4b.transformer.model.layers.0.self_attn.q_proj.weight",
+    "krea2": "text_encoders.qwen3vl_4b.transformer.model.layers.0.self_attn.q_proj.weight",
 }
 
 

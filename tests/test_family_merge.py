@@ -137,7 +137,7 @@ def test_lora_of_another_family_is_refused_naming_both(family, tmp_path):
 
 def test_flag_tensor_passes_through_and_text_encoder_keys_are_skipped(tmp_path):
     """Qwen-Image Edit-2511 files carry `__index_timestep_zero__`; a LoRA's Qwen2.5-VL keys have no
-    encoder to land on in a DiT-only file: reported as skipped (te1), the DiT part baked."""
+    encoder to land on in a DiT-only file: reported as skipped naming the encoder, the DiT part baked."""
     built = build_case(next(c for c in CASES if c.id == "qwen-image-kohya-diffusers"))
     base = {k: v.bfloat16() for k, v in built.native.items()}
     base["__index_timestep_zero__"] = torch.zeros(1, dtype=torch.bfloat16)
@@ -152,7 +152,7 @@ def test_flag_tensor_passes_through_and_text_encoder_keys_are_skipped(tmp_path):
     summary = json.loads(out)["loras"][0]
     assert summary["applied"] == {"dit": len(built.lora)} and summary["skipped"] == {"te1": 1}
     assert [(o["module"], o["status"], o["reason"]) for o in summary["not_applied"]] == [
-        ("lora_te_model_layers_0_self_attn_q_proj", "skipped", "base has no te1")
+        ("lora_te_model_layers_0_self_attn_q_proj", "skipped", "base has no Qwen2.5-VL text encoder")
     ]
     ours = load_file(str(tmp_path / "out.safetensors"))
     assert torch.equal(ours["__index_timestep_zero__"], base["__index_timestep_zero__"])

@@ -110,8 +110,8 @@ def test_rule_tables_win_over_disagreeing_metadata_with_a_note():
 TIES = [
     # a resnet conv of the first level: the same name and shape in SD1, SD2 and SDXL
     ("first-level resnet", [("lora_unet_down_blocks_0_resnets_0_conv1", 320, 320, 3)], {"sd1", "sd2", "sdxl"}),
-    # CLIP-G te2 alone: SDXL and SD3 both have it as lora_te2_
-    ("te2 alone", [("lora_te2_text_model_encoder_layers_0_self_attn_q_proj", 1280, 1280)], {"sdxl", "sd3"}),
+    # CLIP-G te2 alone: SDXL, SD3 and HiDream-I1 all have it as lora_te2_
+    ("te2 alone", [("lora_te2_text_model_encoder_layers_0_self_attn_q_proj", 1280, 1280)], {"sdxl", "sd3", "hidream"}),
 ]
 
 

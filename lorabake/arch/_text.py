@@ -93,6 +93,60 @@ encoder.block.{0-23}.layer.1.DenseReluDense.wo.weight 4096x10240
 encoder.final_layer_norm.weight 4096
 shared.weight 32128x4096"""
 
+# Decoder-only LLMs as text encoders (Qwen2.5-VL, Qwen3, Qwen3-VL, Gemma 2, Mistral 3, Llama 3): stored with
+# transformers' causal-LM names (`model.layers.N.self_attn.q_proj`), which is also what ComfyUI keeps under
+# `text_encoders.<name>.transformer.` (comfy/text_encoders/llama.py: `self.model = Llama2_(...)`).
+_LLM_LINEARS = (
+    *(f"self_attn.{p}_proj" for p in "qkvo"),
+    *(f"mlp.{p}_proj" for p in ("gate", "up", "down")),
+)
+_LLM_TARGETS = tuple(f"{m}.weight" for m in _LLM_LINEARS)
+
+
+def _llm_renames(*, vl: bool) -> tuple[Renames, ...]:
+    """Other names of an LLM encoder's linears. kohya sd-scripts trains the base model (Gemma2Model,
+    Qwen3Model: no `model.` level), so its LoRAs say `lora_te_layers_0_self_attn_q_proj`; a vision-language
+    model in transformers >= 4.52 nests the text model as `model.language_model.` (what PEFT names then)."""
+    rows: dict[str, tuple[Alias, ...]] = {}
+    for m in _LLM_LINEARS:
+        names = [Alias(f"layers.{{n}}.{m}")]
+        if vl:
+            names.append(Alias(f"model.language_model.layers.{{n}}.{m}"))
+        rows[f"model.layers.{{n}}.{m}"] = tuple(names)
+    return (Renames("hf", "hf_base", modules=rows, note="LLM text encoder: base-model and VL-model names"),)
+
+
+def hf_llm(layers: int, width: int, *, heads: int, kv_heads: int, head: int, ff: int, vocab: int,
+           qk_norm: bool = False, gemma: bool = False) -> str:
+    """The language-model weights of a transformers causal LM as `structure` rows (the LoRA targets)."""
+    q, kv, layer = heads * head, kv_heads * head, f"model.layers.{{0-{layers - 1}}}."
+    rows = [
+        f"model.embed_tokens.weight {vocab}x{width}",
+        f"{layer}self_attn.q_proj.weight {q}x{width}",
+        f"{layer}self_attn.k_proj.weight {kv}x{width}",
+        f"{layer}self_attn.v_proj.weight {kv}x{width}",
+        f"{layer}self_attn.o_proj.weight {width}x{q}",
+        f"{layer}mlp.gate_proj.weight {ff}x{width}",
+        f"{layer}mlp.up_proj.weight {ff}x{width}",
+        f"{layer}mlp.down_proj.weight {width}x{ff}",
+        f"{layer}input_layernorm.weight {width}",
+        f"{layer}post_attention_layernorm.weight {width}",
+        f"model.norm.weight {width}",
+    ]
+    if qk_norm:
+        rows += [f"{layer}self_attn.q_norm.weight {head}", f"{layer}self_attn.k_norm.weight {head}"]
+    if gemma:
+        rows += [f"{layer}pre_feedforward_layernorm.weight {width}", f"{layer}post_feedforward_layernorm.weight {width}"]
+    return "\n".join(rows)
+
+
+def _llm(structure: str, *, vl: bool = False) -> TextEncoderKind:
+    return TextEncoderKind("hf", _llm_renames(vl=vl), _LLM_TARGETS, structure=structure)
+
+
+# Sizes from each model's config.json (hidden, layers, heads, kv heads, head dim, MLP width, vocabulary).
+_QWEN3_4B = hf_llm(36, 2560, heads=32, kv_heads=8, head=128, ff=9728, vocab=151936, qk_norm=True)
+
 TEXT_ENCODER_KINDS: dict[str, TextEncoderKind] = {
     "clip_l": TextEncoderKind("hf", (), _HF_CLIP_TARGETS, clip=True, structure=hf_clip(12, 768)),
     "clip_h": TextEncoderKind("hf", (), _HF_CLIP_TARGETS, clip=True, structure=hf_clip(24, 1024)),
@@ -106,4 +160,12 @@ TEXT_ENCODER_KINDS: dict[str, TextEncoderKind] = {
         "openclip", _OPENCLIP, _OPENCLIP_TARGETS, clip=True, structure=open_clip(32, 1280)
     ),
     "t5xxl": TextEncoderKind("hf", (), _T5_TARGETS, structure=_T5XXL),
+    # ComfyUI's names for them (comfy/text_encoders/*.py `name=`), which are the all-in-one file's roots
+    "qwen25_7b": _llm(hf_llm(28, 3584, heads=28, kv_heads=4, head=128, ff=18944, vocab=152064), vl=True),  # Qwen2.5-VL-7B
+    "qwen3_4b": _llm(_QWEN3_4B),
+    "qwen3_8b": _llm(hf_llm(36, 4096, heads=32, kv_heads=8, head=128, ff=12288, vocab=151936, qk_norm=True)),
+    "qwen3vl_4b": _llm(_QWEN3_4B, vl=True),  # Qwen3-VL-4B's text model has Qwen3-4B's sizes
+    "gemma2_2b": _llm(hf_llm(26, 2304, heads=8, kv_heads=4, head=256, ff=9216, vocab=256000, gemma=True)),
+    "mistral3_24b": _llm(hf_llm(40, 5120, heads=32, kv_heads=8, head=128, ff=32768, vocab=131072)),  # Mistral Small 3.1
+    "llama": _llm(hf_llm(32, 4096, heads=32, kv_heads=8, head=128, ff=14336, vocab=128256)),  # Llama 3.1 8B (HiDream)
 }

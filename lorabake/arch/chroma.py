@@ -113,6 +113,7 @@ FAMILY = Family(
             "te1",
             (("text_encoders.t5xxl.transformer.", "t5xxl"), ("text_encoder.", "t5xxl")),
             ("lora_te_", "lora_te1_", "text_encoder.", "text_encoders.t5xxl.transformer."),
+            title="T5-XXL",
         ),
     ),
     kohya_names={"dit": ("lora_unet_", "bfl"), "te1": ("lora_te_", "hf")},

@@ -33,9 +33,11 @@ class Layout(NamedTuple):
 class TextEncoder(NamedTuple):
     """One text encoder slot: where it may be stored (first present root wins) and its LoRA prefixes."""
 
-    component: str  # "te1" | "te2" | "te3"
+    component: str  # "te1" | "te2" | "te3" | "te4"
     roots: tuple[tuple[str, str], ...]  # (key prefix, kind); kind is a row of TEXT_ENCODER_KINDS
     lora_prefixes: tuple[str, ...]  # LoRA-side prefixes; ending in "_" means module path joined with "_"
+    # what the encoder is, for a LoRA module skipped on a base without it: "base has no <title> text encoder"
+    title: str = ""
 
 
 class TextEncoderKind(NamedTuple):
@@ -204,7 +206,9 @@ WEIGHT_PARAMS: dict[str, str | None] = {
 BIAS_PARAMS = frozenset({"bias", "in_proj_bias"})
 
 # A diffusers folder as the reader gives it: tensors prefixed by their subfolder.
-DIFFUSERS_FOLDERS = ("unet.", "transformer.", "text_encoder.", "text_encoder_2.", "text_encoder_3.", "vae.")
+DIFFUSERS_FOLDERS = (
+    "unet.", "transformer.", "text_encoder.", "text_encoder_2.", "text_encoder_3.", "text_encoder_4.", "vae.",
+)
 
 # The VAE: never a LoRA target, only reported.
 VAE_ROOTS: tuple[str, ...] = ("first_stage_model.", "vae.")
@@ -253,6 +257,7 @@ GENERIC_COMPONENT_PREFIXES: dict[str, str] = {
     "text_encoder.": "te1",
     "text_encoder_2.": "te2",
     "text_encoder_3.": "te3",
+    "text_encoder_4.": "te4",  # HiDream-I1's Llama
     "text_encoders.clip_l.": "te1",
     "text_encoders.clip_h.": "te1",
     "text_encoders.clip_g.": "te2",

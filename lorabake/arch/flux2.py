@@ -16,6 +16,7 @@ from lorabake.arch.common import (
     Layout,
     Probe,
     Renames,
+    TextEncoder,
     Variant,
 )
 
@@ -119,8 +120,29 @@ FAMILY = Family(
         Layout("diffusers", "transformer.", "diffusers", _DIFFUSERS),
         Layout("diffusers", "", "diffusers", _DIFFUSERS),
     ),
-    text_encoders=(),
-    kohya_names={"dit": ("lora_unet_", "bfl")},
+    # dev: Mistral Small 3.1 24B; klein 4B/9B: Qwen3-4B/8B (ComfyUI comfy/text_encoders/flux.py names
+    # "mistral3_24b", "qwen3_4b", "qwen3_8b", the all-in-one file's roots); a diffusers folder's text_encoder/
+    text_encoders=(
+        TextEncoder(
+            "te1",
+            (
+                ("text_encoders.mistral3_24b.transformer.", "mistral3_24b"),
+                ("text_encoders.qwen3_4b.transformer.", "qwen3_4b"),
+                ("text_encoders.qwen3_8b.transformer.", "qwen3_8b"),
+                ("text_encoder.", "mistral3_24b"),  # the kinds differ in sizes only: the names are the same
+            ),
+            (
+                "lora_te_",
+                "lora_te1_",
+                "text_encoder.",
+                "text_encoders.mistral3_24b.transformer.",
+                "text_encoders.qwen3_4b.transformer.",
+                "text_encoders.qwen3_8b.transformer.",
+            ),
+            title="Mistral 3 (dev) or Qwen3 (klein)",
+        ),
+    ),
+    kohya_names={"dit": ("lora_unet_", "bfl"), "te1": ("lora_te_", "hf_base")},
     renames=(Renames("bfl", "diffusers", modules=BFL_TO_DIFFUSERS, note="BFL checkpoint -> diffusers"),),
     lora_prefixes=DIT_LORA_PREFIXES,
     extract_targets=_EXTRACT_TARGETS,

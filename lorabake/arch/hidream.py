@@ -7,7 +7,7 @@ feed-forward is a mixture of experts: `ff_i.experts.M.w1/w2/w3`, `ff_i.shared_ex
 ai-toolkit/ComfyUI `diffusion_model.`, SimpleTuner LyCORIS `lycoris_`, kohya `lora_unet_`.
 """
 
-from lorabake.arch.common import DIT_LORA_PREFIXES, BlockGroup, Family, Layout, Probe
+from lorabake.arch.common import DIT_LORA_PREFIXES, BlockGroup, Family, Layout, Probe, TextEncoder
 
 _PROBES = (Probe("caption_projection.0.linear.weight"), Probe("double_stream_blocks.0.block.ff_i.gate.weight"))
 
@@ -77,7 +77,34 @@ FAMILY = Family(
         Layout("diffusers", "transformer.", "diffusers", _PROBES),
         Layout("native", "", "diffusers", _PROBES),
     ),
-    text_encoders=(),
+    # CLIP-L, CLIP-G, T5-XXL and Llama 3.1 8B: ComfyUI's names (comfy/text_encoders/hidream.py clip_l, clip_g,
+    # t5xxl, llama) and the diffusers pipeline's text_encoder … text_encoder_4
+    text_encoders=(
+        TextEncoder(
+            "te1",
+            (("text_encoders.clip_l.transformer.", "clip_l"), ("text_encoder.", "clip_l")),
+            ("lora_te1_", "text_encoder.", "text_encoders.clip_l.transformer."),
+            title="CLIP-L",
+        ),
+        TextEncoder(
+            "te2",
+            (("text_encoders.clip_g.transformer.", "clip_g"), ("text_encoder_2.", "clip_g")),
+            ("lora_te2_", "text_encoder_2.", "text_encoders.clip_g.transformer."),
+            title="CLIP-G",
+        ),
+        TextEncoder(
+            "te3",
+            (("text_encoders.t5xxl.transformer.", "t5xxl"), ("text_encoder_3.", "t5xxl")),
+            ("lora_te3_", "text_encoder_3.", "text_encoders.t5xxl.transformer."),
+            title="T5-XXL",
+        ),
+        TextEncoder(
+            "te4",
+            (("text_encoders.llama.transformer.", "llama"), ("text_encoder_4.", "llama")),
+            ("text_encoder_4.", "text_encoders.llama.transformer."),
+            title="Llama 3.1",
+        ),
+    ),
     kohya_names={"dit": ("lora_unet_", "diffusers")},
     lora_prefixes=DIT_LORA_PREFIXES,
     extract_targets=_EXTRACT_TARGETS,

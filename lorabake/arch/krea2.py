@@ -8,7 +8,16 @@ convert_krea2_transformer_checkpoint_to_diffusers renames them: `blocks.N.attn.w
 comfy/utils.py krea2_to_diffusers maps both). The flat `mod.lin` modulation is not a LoRA target.
 """
 
-from lorabake.arch.common import DIT_LORA_PREFIXES, Alias, BlockGroup, Family, Layout, Probe, Renames
+from lorabake.arch.common import (
+    DIT_LORA_PREFIXES,
+    Alias,
+    BlockGroup,
+    Family,
+    Layout,
+    Probe,
+    Renames,
+    TextEncoder,
+)
 
 _STACKS = {
     "blocks": "transformer_blocks",
@@ -125,8 +134,16 @@ FAMILY = Family(
         Layout("diffusers", "transformer.", "diffusers", _DIFFUSERS),
         Layout("diffusers", "", "diffusers", _DIFFUSERS),
     ),
-    text_encoders=(),
-    kohya_names={"dit": ("lora_unet_", "native")},
+    # Qwen3-VL-4B: ComfyUI's all-in-one file (comfy/text_encoders/krea2.py name="qwen3vl_4b"), a diffusers folder
+    text_encoders=(
+        TextEncoder(
+            "te1",
+            (("text_encoders.qwen3vl_4b.transformer.", "qwen3vl_4b"), ("text_encoder.", "qwen3vl_4b")),
+            ("lora_te_", "lora_te1_", "text_encoder.", "text_encoders.qwen3vl_4b.transformer."),
+            title="Qwen3-VL",
+        ),
+    ),
+    kohya_names={"dit": ("lora_unet_", "native"), "te1": ("lora_te_", "hf_base")},
     renames=(Renames("native", "diffusers", modules=NATIVE_TO_DIFFUSERS, note="Krea 2 original -> diffusers"),),
     lora_prefixes=DIT_LORA_PREFIXES,
     extract_targets=_EXTRACT_TARGETS,

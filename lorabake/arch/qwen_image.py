@@ -21,6 +21,7 @@ from lorabake.arch.common import (
     Layout,
     Probe,
     Renames,
+    TextEncoder,
     Variant,
 )
 
@@ -120,8 +121,17 @@ FAMILY = Family(
         Layout("diffusers", "transformer.", "diffusers", _QWEN21_SPLIT),
         Layout("diffusers", "", "diffusers", _QWEN21_SPLIT),
     ),
-    text_encoders=(),  # text-encoder LoRA keys are reported as skipped: no te1 in the file
-    kohya_names={"dit": ("lora_unet_", "diffusers")},
+    # Qwen2.5-VL-7B: ComfyUI's all-in-one file (comfy/text_encoders/qwen_image.py name="qwen25_7b"), a
+    # diffusers folder's text_encoder/
+    text_encoders=(
+        TextEncoder(
+            "te1",
+            (("text_encoders.qwen25_7b.transformer.", "qwen25_7b"), ("text_encoder.", "qwen25_7b")),
+            ("lora_te_", "lora_te1_", "text_encoder.", "text_encoders.qwen25_7b.transformer."),
+            title="Qwen2.5-VL",
+        ),
+    ),
+    kohya_names={"dit": ("lora_unet_", "diffusers"), "te1": ("lora_te_", "hf_base")},
     renames=(Renames("diffusers", "split", modules=GATE_UP, note="Qwen-Image 2.1 fused gate_up halves"),),
     lora_prefixes=DIT_LORA_PREFIXES,
     extract_targets=_EXTRACT_TARGETS,

@@ -17,6 +17,7 @@ from lorabake.arch.common import (
     Layout,
     Probe,
     Renames,
+    TextEncoder,
 )
 
 NATIVE_TO_DIFFUSERS = Renames(
@@ -92,9 +93,17 @@ FAMILY = Family(
         Layout("diffusers", "transformer.", "diffusers", _DIFFUSERS),
         Layout("diffusers", "", "diffusers", _DIFFUSERS),
     ),
-    text_encoders=(),  # text-encoder LoRA keys are reported as skipped: no te1 in the file
+    # Qwen3-4B: ComfyUI's all-in-one file (comfy/text_encoders/z_image.py name="qwen3_4b"), a diffusers folder
+    text_encoders=(
+        TextEncoder(
+            "te1",
+            (("text_encoders.qwen3_4b.transformer.", "qwen3_4b"), ("text_encoder.", "qwen3_4b")),
+            ("lora_te_", "lora_te1_", "text_encoder.", "text_encoders.qwen3_4b.transformer."),
+            title="Qwen3",
+        ),
+    ),
     # musubi-tuner names Z-Image modules by their diffusers path (lora_unet_layers_0_attention_to_q)
-    kohya_names={"dit": ("lora_unet_", "diffusers")},
+    kohya_names={"dit": ("lora_unet_", "diffusers"), "te1": ("lora_te_", "hf_base")},
     renames=(
         NATIVE_TO_DIFFUSERS,
         Renames(
