@@ -244,6 +244,14 @@ def _resolve(
     return Outcome(stem, "applied", target.component, "", target.key), planned
 
 
+def _unsplittable_dora(shapes: dict[str, tuple[int, ...]], natural: tuple[int, ...] | None) -> str | None:
+    """Why a DoRA module cannot be cut into row bands, or None: its magnitude must scale output rows."""
+    part = next(p for p in adapters.DORA_PARTS if p in shapes)
+    if natural is None or not adapters.dora.per_output_row(part, shapes[part], natural[0]):
+        return f"DoRA normalising input columns ({part} {list(shapes[part])})"
+    return None
+
+
 def _missing(arch: str, component: str) -> str:
     """What a base lacks, as its family names the slot ("Qwen2.5-VL text encoder"), else the component."""
     family = FAMILIES.get(arch)
@@ -289,18 +297,20 @@ def _resolve_spread(
     stem, first = module.stem, targets[0]
     where = " + ".join(t.key for t in targets)
     shapes = {part: reader.tensors[key].shape for part, key in module.parts.items()}
-    refused = "DoRA" if module.dora else "a bias part" if set(BIAS_PARTS).intersection(shapes) else None
+    refused = "a bias part" if set(BIAS_PARTS).intersection(shapes) else None
     if refused is None and module.algo not in spread.SPLITTABLE:
         refused = module.algo
-    if refused:
-        why = f"{refused} of a fused module cannot be split over {len(targets)} separate tensors"
-        return Outcome(stem, "unmatched", first.component, why, where), []
     try:
         natural = adapters.delta_shape(module.algo, shapes)
     except LoraFormatError as exc:
         exc.path = exc.path or reader.path
         exc.tensor = exc.tensor or stem
         raise
+    if refused is None and module.dora:
+        refused = _unsplittable_dora(shapes, natural)
+    if refused:
+        why = f"{refused} of a fused module cannot be split over {len(targets)} separate tensors"
+        return Outcome(stem, "unmatched", first.component, why, where), []
     rows = sum(t.delta_rows.length for t in targets)
     cols = {math.prod(base.tensors[t.key].shape[1:]) for t in targets}
     if natural is None or natural[0] != rows or {math.prod(natural[1:])} != cols:

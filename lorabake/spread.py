@@ -3,8 +3,10 @@
 A LoRA trained on a fused projection (`attn.to_qkv`, rank r: down [r, in], up [q+k+v, r]; or LoHa/LoKr
 on it) meets a checkpoint that stores q, k and v apart. Row bands of ΔW are exact whatever the adapter
 (ΔW[rows] = ΔW of the band), so each base tensor gets `full` diff rows: the module's ΔW with its scale,
-cut at the target's `delta_rows`. Adapters whose result depends on the weight (DoRA, OFT, IA3, ...) are
-not split: the planner reports them instead.
+cut at the target's `delta_rows`. DoRA with a per-output-row magnitude splits too: a row of W_dora needs
+only its own row of W + ΔW, so the band is a DoRA LoRA of the band's factor rows and magnitude rows. Adapters
+whose result depends on the whole weight (DoRA normalising input columns, OFT, IA3, ...) are not split: the
+planner reports them instead.
 
 torch is imported only when a patch is cut: the planner and the rule table read this module too.
 """
@@ -32,11 +34,31 @@ def cut(patch: Patch, rows: RowSlice | None) -> Patch:
         return patch
     from lorabake import adapters, delta
 
+    if patch.dora:
+        return _dora_band(patch, rows)
+
     shapes = {k: tuple(v.shape) for k, v in patch.parts.items()}
     natural = adapters.delta_shape(patch.algo, shapes)
     dw = delta.delta(patch.algo, patch.parts, out_shape=natural, scale=patch.scale, alpha_override=patch.alpha_override)
     diff = dw.narrow(0, rows.start, rows.length).contiguous()
     return replace(patch, algo="full", parts={"diff": diff}, scale=None, alpha_override=None)
+
+
+def _dora_band(patch: Patch, rows: RowSlice) -> Patch:
+    """A per-output-row DoRA module's rows as a DoRA LoRA: up = rows of its exact factors (scale folded in),
+    down whole, the magnitude's rows (every linear type has such factors: `Adapter.factors`)."""
+    from lorabake import adapters, delta
+    from lorabake.adapters import dora
+
+    weight = {k: v for k, v in patch.parts.items() if k not in dora.PARTS}
+    pair = adapters.exact_factors(patch.algo, weight)
+    if pair is None:  # Tucker cores: conv modules, which no fused linear takes
+        raise ValueError(f"a {patch.algo} DoRA module with a Tucker core has no row bands")
+    up, down = pair
+    band = slice(rows.start, rows.start + rows.length)
+    parts = {"up": (up[band] * delta.patch_scale(patch)).contiguous(), "down": down}
+    parts.update({k: dora.band(k, v, band) for k, v in patch.parts.items() if k in dora.PARTS})
+    return replace(patch, algo="lora", parts=parts, scale=1.0, alpha_override=None)
 
 
 def rows_of(bound: float | tuple[float, float], hidden: int, total: int) -> int | None:

@@ -108,14 +108,22 @@ def test_z_image_diffusers_layout_takes_a_fused_qkv_lora(tmp_path):
     assert_matches(ours, built.reference, built.sd, bf16=False)
 
 
-def test_dora_on_a_fused_module_is_not_split(tmp_path):
+def test_dora_on_a_fused_module_is_split_by_rows(tmp_path):
+    """A Krea 2 fused `to_qkv` DoRA with dora_scale [out, 1] gives each of wq, wk, wv its rows: the same as the DoRA of the concatenation, cut (DoRA's own math is checked against
+    LyCORIS and PEFT in test_lycoris_parity, the split against them in test_family_dora_fused)."""
     native = FAMILIES["krea2"].to_native(tiny_state("krea2"))
     path, q, k, v = _attentions(tiny_state("krea2"))[0]
     stem = "lycoris_" + (path + ".to_qkv").replace(".", "_")
     tensors = make_lora([(stem, q + k + v, native_width(native, path))], algo="lora", rank=4, dora=True)
     save_file(tensors, str(tmp_path / "dora.safetensors"))
     save_file(native, str(tmp_path / "base.safetensors"))
-    code, _, err = run_main(["merge", str(tmp_path / "base.safetensors"), "--lora", str(tmp_path / "dora.safetensors"),
+    code, _, err = run_main(["merge", str(tmp_path / "base.safetensors"), "--lora", f"{tmp_path / 'dora.safetensors'}:0.7",
                              "-o", str(tmp_path / "out.safetensors")])
-    assert code != 0 and "DoRA of a fused module cannot be split over 3 separate tensors" in err, err
-    assert not (tmp_path / "out.safetensors").exists()
+    assert code == 0, err
+    keys = [f"{_native_attn(path)}.w{p}.weight" for p in "qkv"]
+    fused = torch.cat([native[key] for key in keys]).float()
+    parts = {"up": tensors[stem + ".lora_up.weight"], "down": tensors[stem + ".lora_down.weight"],
+             "alpha": tensors[stem + ".alpha"], "dora_scale": tensors[stem + ".dora_scale"]}
+    want = delta.apply_patches(fused, [delta.Patch("lora", parts, 0.7, dora=True)])
+    ours = load_file(str(tmp_path / "out.safetensors"))
+    torch.testing.assert_close(torch.cat([ours[key] for key in keys]).float(), want.to(ours[keys[0]].dtype).float())

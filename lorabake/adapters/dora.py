@@ -40,6 +40,18 @@ def check(algo: str, shapes: Shapes, natural: Shape | None) -> None:
     raise fault(algo, f"{mags[0]} shape {list(m)} fits neither the output axis ({out}) nor an input axis of {list(natural or ())}", mags[0])
 
 
+def per_output_row(part: str, m: Shape, out: int) -> bool:
+    """Whether a magnitude of shape `m` scales output rows (as `_axis` decides): then each row of W_dora needs
+    only its own row of W + ΔW, so a band of rows is the DoRA of that band (what splitting a fused module needs)."""
+    return prod(m) == out and (part == "magnitude" or len(m) == 1 or m[0] == out)
+
+
+def band(part: str, m: Tensor, rows: slice) -> Tensor:
+    """Rows `rows` of a per-output-row magnitude, in the layout it came in ([out] or [out, 1, …])."""
+    flat = m.reshape(-1)[rows]
+    return flat if part == "magnitude" or m.dim() == 1 else flat.reshape(-1, *m.shape[1:])
+
+
 def _axis(algo: str, m: Tensor, shape: Sequence[int], *, peft: bool) -> tuple[int, Tensor]:
     """(0, m as [out,1,..]) for a per-output-row magnitude, (1, m as [1,in,1..]) per input column."""
     out = shape[0]
