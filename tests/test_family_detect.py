@@ -130,3 +130,35 @@ def test_lora_on_modules_flux1_and_chroma_share_is_ambiguous():
 
     f = parse(make_lora([("transformer.transformer_blocks.0.attn.to_q", 3072, 3072)], naming="peft", rank=2))
     assert f.arch == "unknown" and "chroma" in f.arch_note and "flux" in f.arch_note
+
+
+# --- variants the keys tell apart, and those they do not -------------------------------------------------
+
+# (key list, its keys removed, keys added with their shapes, the note `inspect` prints)
+VARIANT_NOTES = [
+    # the base model, 2512, Edit and Edit-2509 have one key set: said, not guessed
+    ("qwen-image", (), {}, "Qwen-Image layout: base, 2512, Edit and Edit-2509 share it (not told apart by keys)"),
+    # diffusers/ComfyUI read Edit-2511's default_ref_method from this flag tensor
+    ("qwen-image", (), {"__index_timestep_zero__": [0]}, "Qwen-Image-Edit-2511 (its __index_timestep_zero__ flag, passed through)"),
+    # Qwen-Image-Layered: use_additional_t_cond, nn.Embedding(2, 3072)
+    ("qwen-image", (), {"time_text_embed.addition_t_embedding.weight": [2, 3072]},
+     "Qwen-Image-Layered (time_text_embed.addition_t_embedding)"),
+    # Chroma Radiance (ComfyUI comfy/ldm/chroma_radiance): a patch conv for img_in and a NeRF head
+    ("chroma", ("img_in.weight", "img_in.bias"),
+     {"img_in_patch.weight": [3072, 3, 16, 16], "img_in_patch.bias": [3072],
+      "nerf_image_embedder.embedder.0.weight": [64, 67], "nerf_blocks.0.param_generator.weight": [49152, 3072],
+      "nerf_blocks.0.norm.scale": [64], "nerf_final_layer_conv.conv.weight": [3, 64, 3, 3]},
+     "Chroma Radiance (pixel space: img_in_patch and a nerf_* head)"),
+]
+
+
+@pytest.mark.parametrize("name, drop, add, note", VARIANT_NOTES, ids=[n[3].split(" (")[0] for n in VARIANT_NOTES])
+def test_inspect_names_the_variants_the_keys_tell_apart(name, drop, add, note, tmp_path):
+    keys = {k: e["shape"] for k, e in arch_tensors(name).items() if k not in drop}
+    small = {k: torch.zeros([min(s, 2) for s in shape]) for k, shape in {**keys, **add}.items()}
+    save_file(small, str(tmp_path / "base.safetensors"))
+    code, out, err = run_main(["inspect", str(tmp_path / "base.safetensors")])
+    assert code == 0, err
+    assert note in out and f"architecture: {ROWS[name][0]}" in out
+    others = [n for _, _, _, n in VARIANT_NOTES if n != note and not n.startswith("Qwen-Image layout")]
+    assert not any(other in out for other in others)

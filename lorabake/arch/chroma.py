@@ -17,6 +17,7 @@ from lorabake.arch.common import (
     Probe,
     Renames,
     TextEncoder,
+    Variant,
 )
 
 _D = "transformer_blocks.{n}."
@@ -123,6 +124,9 @@ FAMILY = Family(
     ),
     lora_prefixes=DIT_LORA_PREFIXES,
     extract_targets=_EXTRACT_TARGETS,
+    # Chroma Radiance works in pixel space: a patch conv `img_in_patch` for `img_in` and a NeRF head
+    # (`nerf_image_embedder`, `nerf_blocks.N`, `nerf_final_layer(_conv)`: ComfyUI comfy/ldm/chroma_radiance/model.py)
+    variants=(Variant("img_in_patch.weight", present="Chroma Radiance (pixel space: img_in_patch and a nerf_* head)", naming="bfl"),),
     quant_keep=("distilled_guidance_layer.", "txt_in.", "img_in.", "final_layer."),
     block_groups=(
         BlockGroup("double{n}", "double_blocks.{n}."),

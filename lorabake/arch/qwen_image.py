@@ -135,9 +135,14 @@ FAMILY = Family(
     renames=(Renames("diffusers", "split", modules=GATE_UP, note="Qwen-Image 2.1 fused gate_up halves"),),
     lora_prefixes=DIT_LORA_PREFIXES,
     extract_targets=_EXTRACT_TARGETS,
+    # What the keys tell apart (diffusers QwenImageTransformer2DModel, ComfyUI comfy/ldm/qwen_image): the base
+    # model, 2512, Edit and Edit-2509 have one key set and one set of shapes; Edit-2511 adds a flag tensor
+    # (default_ref_method "index_timestep_zero"), Layered its addition_t_embedding (use_additional_t_cond)
     variants=(
+        Variant("txt_norm.weight", present="Qwen-Image layout: base, 2512, Edit and Edit-2509 share it (not told apart by keys)"),
         Variant("txt_in.text_norm.weight", present="Qwen-Image 2.1"),
-        Variant("__index_timestep_zero__", present="edit-2511 flag tensor (passed through)"),
+        Variant("__index_timestep_zero__", present="Qwen-Image-Edit-2511 (its __index_timestep_zero__ flag, passed through)"),
+        Variant("time_text_embed.addition_t_embedding.weight", present="Qwen-Image-Layered (time_text_embed.addition_t_embedding)"),
     ),
     quant_keep=("img_in.", "txt_in.", "^proj_out."),
     block_groups=(BlockGroup("block{n}", "transformer_blocks.{n}."),),
