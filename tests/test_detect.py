@@ -327,7 +327,7 @@ def test_two_families_in_one_file_is_ambiguous():
 def test_text_encoder_only_file_lists_the_families_that_use_it():
     got = detect_checkpoint(infos("flux", components={"clip_l"}), {})
     assert got.arch == "unknown"
-    assert got.candidates == ("sd3", "flux")
+    assert got.candidates == ("sd3", "flux", "hidream")  # HiDream-I1's first encoder is CLIP-L too
     assert "te1" in got.components
 
 
