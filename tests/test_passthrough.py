@@ -146,7 +146,7 @@ def test_span_hasher_keeps_one_buffer_and_grows_it(tmp_path, monkeypatch):
     data = os.urandom(3000)
     src = tmp_path / "src.bin"
     src.write_bytes(data)
-    monkeypatch.setattr(file_copy, "CHUNK", 1024)  # spans of several chunks
+    monkeypatch.setattr(file_copy, "HASH_CHUNK", 1024)  # spans of several chunks
     fd = os.open(src, os.O_RDONLY)
     try:
         sha = hashlib.sha256()
