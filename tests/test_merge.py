@@ -254,6 +254,22 @@ def check_targeted(merged, base, want, rows):
         assert torch.equal(merged[key][~touched], base[key][~touched]), key
 
 
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    """dtype -> (folder, base tensors, LoRA tensors, LoRA path) of CASES[0], built once per dtype for the
+    tests below that only read them (each writes its outputs to its own tmp_path)."""
+    made = {}
+
+    def get(dtype: torch.dtype):
+        if dtype not in made:
+            folder = tmp_path_factory.mktemp("sd1")
+            _, arch, patterns, _, naming, rows, metadata = CASES[0]
+            made[dtype] = (folder, *build_case(folder, arch, patterns, dtype, naming, rows, metadata))
+        return made[dtype]
+
+    return get
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_merge_matches_independent_math(tmp_path, case):
     _, arch, patterns, dtype, naming, rows, metadata = case
@@ -277,15 +293,14 @@ def test_merge_matches_independent_math(tmp_path, case):
     assert summary["tensors_changed"] == len(targeted)
 
 
-def test_output_keeps_base_order_metadata_and_provenance(tmp_path):
-    _, arch, patterns, dtype, naming, rows, metadata = CASES[0]
-    _, _, lora_path = build_case(tmp_path, arch, patterns, dtype, naming, rows, metadata)
+def test_output_keeps_base_order_metadata_and_provenance(tmp_path, sd1):
+    folder, _, _, lora_path = sd1(CASES[0][3])
     out = tmp_path / "merged.safetensors"
-    code, stdout, err = run_main(["merge", str(tmp_path / "base.safetensors"), "--lora", f"{lora_path}:0.5:0.25", "-o", str(out), "--json"])
+    code, stdout, err = run_main(["merge", str(folder / "base.safetensors"), "--lora", f"{lora_path}:0.5:0.25", "-o", str(out), "--json"])
     assert code == 0, err
     from lorabake.st_reader import SafetensorsReader
 
-    with SafetensorsReader(tmp_path / "base.safetensors") as b, SafetensorsReader(out) as o:
+    with SafetensorsReader(folder / "base.safetensors") as b, SafetensorsReader(out) as o:
         assert list(b.tensors) == list(o.tensors)
         meta = o.metadata
     assert meta["base"] == "yes"
@@ -303,11 +318,11 @@ def test_output_keeps_base_order_metadata_and_provenance(tmp_path):
     assert summary["autov2"] == summary["sha256"][:10]
 
 
-def test_te_strength_applies_to_text_encoder_only(tmp_path):
-    _, arch, patterns, dtype, naming, rows, metadata = CASES[0]
-    base, lora, lora_path = build_case(tmp_path, arch, patterns, torch.float32, naming, rows, metadata)
+def test_te_strength_applies_to_text_encoder_only(tmp_path, sd1):
+    rows = CASES[0][5]
+    folder, base, lora, lora_path = sd1(torch.float32)
     out = tmp_path / "o.safetensors"
-    code, _, err = run_main(["merge", str(tmp_path / "base.safetensors"), "--lora", f"{lora_path}:1.0:0", "-o", str(out)])
+    code, _, err = run_main(["merge", str(folder / "base.safetensors"), "--lora", f"{lora_path}:1.0:0", "-o", str(out)])
     assert code == 0, err
     merged = load_file(str(out))
     for stem, key, _ in rows:
@@ -317,12 +332,12 @@ def test_te_strength_applies_to_text_encoder_only(tmp_path):
             assert not torch.equal(merged[key], base[key])
 
 
-def test_two_loras_add_up_and_unbake_returns_w(tmp_path):
+def test_two_loras_add_up_and_unbake_returns_w(tmp_path, sd1):
     _, arch, patterns, _, naming, rows, metadata = CASES[0]
-    base, lora_a, path_a = build_case(tmp_path, arch, patterns, torch.float32, naming, rows, metadata, seed=0)
+    folder, base, lora_a, path_a = sd1(torch.float32)
     _, lora_b, path_b = build_case(tmp_path, arch, patterns, torch.float32, naming, rows, metadata, seed=1, base=base)
     both = tmp_path / "both.safetensors"
-    code, _, err = run_main(["merge", str(tmp_path / "base.safetensors"), "--lora", f"{path_a}:0.5", "--lora", f"{path_b}:-1.25", "-o", str(both)])
+    code, _, err = run_main(["merge", str(folder / "base.safetensors"), "--lora", f"{path_a}:0.5", "--lora", f"{path_b}:-1.25", "-o", str(both)])
     assert code == 0, err
     merged = load_file(str(both))
     want = expected_after(base, [(lora_a, 0.5), (lora_b, -1.25)], rows, naming)
@@ -355,14 +370,13 @@ def test_unmatched_module_fails_before_writing(tmp_path):
     assert out.exists()
 
 
-def test_dry_run_writes_nothing_and_shows_the_plan(tmp_path):
-    _, arch, patterns, dtype, naming, rows, metadata = CASES[0]
-    _, _, lora_path = build_case(tmp_path, arch, patterns, dtype, naming, rows, metadata)
-    before = sorted(os.listdir(tmp_path))
-    code, stdout, err = run_main(["merge", str(tmp_path / "base.safetensors"), "--lora", lora_path, "--dry-run"])
+def test_dry_run_writes_nothing_and_shows_the_plan(tmp_path, sd1):
+    folder, _, _, lora_path = sd1(CASES[0][3])
+    before = sorted(os.listdir(folder))
+    code, stdout, err = run_main(["merge", str(folder / "base.safetensors"), "--lora", lora_path, "--dry-run"])
     assert code == 0, err
     assert "applied" in stdout and "nothing written" in stdout
-    assert sorted(os.listdir(tmp_path)) == before
+    assert sorted(os.listdir(folder)) == before
 
 
 def test_arch_mismatch_names_both(tmp_path):
@@ -391,11 +405,10 @@ def test_text_encoder_modules_skipped_on_unet_only_base(tmp_path):
     assert "base has no te1" in summary["not_applied"][0]["reason"]
 
 
-def test_output_dtype_conversion(tmp_path):
-    _, arch, patterns, _, naming, rows, metadata = CASES[0]
-    base, lora, lora_path = build_case(tmp_path, arch, patterns, torch.float32, naming, rows, metadata)
+def test_output_dtype_conversion(tmp_path, sd1):
+    folder, base, _, lora_path = sd1(torch.float32)
     out = tmp_path / "o.safetensors"
-    code, _, err = run_main(["merge", str(tmp_path / "base.safetensors"), "--lora", lora_path, "-o", str(out), "--dtype", "bf16"])
+    code, _, err = run_main(["merge", str(folder / "base.safetensors"), "--lora", lora_path, "-o", str(out), "--dtype", "bf16"])
     assert code == 0, err
     with safe_open(str(out), "pt") as f:
         for key in f.keys():
@@ -416,26 +429,25 @@ def _has(device: str) -> bool:
 
 
 @pytest.mark.parametrize("device", ["auto", "cuda", "mps"])
-def test_device_paths_agree_with_cpu(tmp_path, device):
+def test_device_paths_agree_with_cpu(tmp_path, sd1, device):
     if not _has(device):
         pytest.skip(f"no {device} device here")
-    _, arch, patterns, dtype, naming, rows, metadata = CASES[0]
-    base, lora, lora_path = build_case(tmp_path, arch, patterns, dtype, naming, rows, metadata)
+    naming, rows = CASES[0][4], CASES[0][5]
+    folder, base, lora, lora_path = sd1(CASES[0][3])
     outs = {}
     for dev in dict.fromkeys(("cpu", device)):
         out = tmp_path / f"o-{dev}.safetensors"
-        code, _, err = run_main(["merge", str(tmp_path / "base.safetensors"), "--lora", lora_path, "-o", str(out), "--device", dev])
+        code, _, err = run_main(["merge", str(folder / "base.safetensors"), "--lora", lora_path, "-o", str(out), "--device", dev])
         assert code == 0, err
         outs[dev] = load_file(str(out))
     check_targeted(outs[device], base, expected_after(base, [(lora, 1.0)], rows, naming), rows)
 
 
-def test_unavailable_device_is_a_usage_error(tmp_path):
+def test_unavailable_device_is_a_usage_error(tmp_path, sd1):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    _, arch, patterns, dtype, naming, rows, metadata = CASES[0]
-    _, _, lora_path = build_case(tmp_path, arch, patterns, dtype, naming, rows, metadata)
-    code, _, err = run_main(["merge", str(tmp_path / "base.safetensors"), "--lora", lora_path, "-o", str(tmp_path / "o.safetensors"), "--device", "cuda:3"])
+    folder, _, _, lora_path = sd1(CASES[0][3])
+    code, _, err = run_main(["merge", str(folder / "base.safetensors"), "--lora", lora_path, "-o", str(tmp_path / "o.safetensors"), "--device", "cuda:3"])
     assert code == 2 and "CUDA is not available" in err
     assert not (tmp_path / "o.safetensors").exists()
 
