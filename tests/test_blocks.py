@@ -202,11 +202,14 @@ def test_flux_streams_by_index(tmp_path, flux):
         down = lora_tensors[f"transformer.{name}.lora_A.weight"].double()
         dw = 1.5 * factors[bfl_block(key)] * (up @ down)
         if rows is None:
-            expected[key] = expected[key] + dw
+            expected[key] += dw
         else:
             expected[key][rows] += dw
-    for key, want in expected.items():
-        torch.testing.assert_close(merged[key].double(), want, rtol=0, atol=3e-6, msg=key)
+    for key, want in expected.items():  # assert_close(rtol=0, atol=3e-6) without its copies (94 M values here)
+        got = merged[key].double()
+        assert got.shape == want.shape, key
+        diff = got.sub_(want).abs_()
+        assert bool((diff <= 3e-6).all()), f"{key}: max |diff| {diff.max().item()}"  # NaN fails too
 
 
 def test_every_block_at_zero_is_a_noop_error(tmp_path, flux):
