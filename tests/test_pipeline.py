@@ -23,6 +23,7 @@ from tests.test_merge import CASES as MERGE_CASES
 from tests.test_merge import build_case
 
 CPU = torch.device("cpu")
+PRODUCTION_BLOCK = bake_kernel.BLOCK_ELEMS
 
 
 @pytest.fixture(autouse=True)
@@ -283,6 +284,15 @@ def baked(monkeypatch) -> list:
     return seen
 
 
+@pytest.fixture
+def production_blocks(monkeypatch):
+    """Whole merges at the block size users get (the kernel-level tests above use tiny blocks): SD1's
+    larger tensors still span many blocks (the mid-block conv 59, a feed-forward 51), more than SLOTS
+    blocks in flight."""
+    monkeypatch.setattr(bake_kernel, "BLOCK_ELEMS", PRODUCTION_BLOCK)
+    assert 1280 * 1280 * 9 > 2 * pipeline.SLOTS * PRODUCTION_BLOCK  # the mid-block conv [1280, 1280, 3, 3]
+
+
 @pytest.fixture(scope="module")
 def sd1(tmp_path_factory):
     """The folder of test_merge's SD1 base and LoRA, built once for the merges below."""
@@ -305,7 +315,7 @@ def _merge(tmp_path, sd1, monkeypatch, env: str | None, *extra: str) -> tuple[in
 
 
 @pytest.mark.parametrize("extra", [(), ("--dtype", "bf16"), ("--dtype", "fp16", "--rounding", "stochastic")])
-def test_merge_through_the_pipeline_writes_the_same_file(tmp_path, sd1, monkeypatch, baked, extra):
+def test_merge_through_the_pipeline_writes_the_same_file(tmp_path, sd1, monkeypatch, production_blocks, baked, extra):
     code, err, plain_out = _merge(tmp_path, sd1, monkeypatch, None, *extra)
     assert code == 0, err
     assert not baked
@@ -317,7 +327,7 @@ def test_merge_through_the_pipeline_writes_the_same_file(tmp_path, sd1, monkeypa
     assert any(not torch.equal(t, load_file(str(sd1 / "base.safetensors"))[k]) for k, t in load_file(piped_out).items())
 
 
-def test_merge_out_of_range_is_the_same_error_through_the_pipeline(tmp_path, sd1, monkeypatch, baked):
+def test_merge_out_of_range_is_the_same_error_through_the_pipeline(tmp_path, sd1, monkeypatch, production_blocks, baked):
     """A strength that overflows fp16: the pipeline hands the tensor to the guarded plain path."""
     lora_path = str(sd1 / "lora0.safetensors")
     outs = {}
