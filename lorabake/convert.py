@@ -21,6 +21,7 @@ import hashlib
 import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from functools import cache
 
 import torch
 
@@ -126,16 +127,22 @@ def run(opts: ConvertOptions) -> ConvertResult:
 
 def _reference(lora: LoraFile):
     """The family's virtual checkpoint (the declared variant matching most modules), its detection and rule table."""
-    family = FAMILIES[lora.arch]
     best = None
-    for variant in range(max(len(family.structures), 1)):
-        header = virtual_checkpoint(family, variant)
-        info = detect_checkpoint(header)
-        keymap = build_keymap(header, info)
+    for variant in range(max(len(FAMILIES[lora.arch].structures), 1)):
+        header, info, keymap = _variant_table(lora.arch, variant)
         hits = sum(1 for stem in lora.modules if stem in keymap.targets or stem in getattr(keymap, "spread", {}))
         if best is None or hits > best[0]:
             best = (hits, header, info, keymap)
     return best[1:]
+
+
+@cache
+def _variant_table(arch: str, variant: int):
+    """(header, detection, rule table) of one declared variant of `arch`: built once per process, since a
+    batch of conversions (or the tests) asks for the same family again and again. Nothing mutates them."""
+    header = virtual_checkpoint(FAMILIES[arch], variant)
+    info = detect_checkpoint(header)
+    return header, info, build_keymap(header, info)
 
 
 def _strengths(opts: ConvertOptions, lora: LoraFile, keymap, header, info) -> dict[str, float]:
