@@ -16,8 +16,8 @@ from lorabake.arch.common import (
     Layout,
     Probe,
     Renames,
-    TextEncoder,
     Variant,
+    sole_text_encoder,
 )
 
 _D = "transformer_blocks.{n}."
@@ -110,12 +110,7 @@ FAMILY = Family(
         Layout("diffusers", "", "diffusers", _DIFFUSERS),
     ),
     text_encoders=(
-        TextEncoder(
-            "te1",
-            (("text_encoders.t5xxl.transformer.", "t5xxl"), ("text_encoder.", "t5xxl")),
-            ("lora_te_", "lora_te1_", "text_encoder.", "text_encoders.t5xxl.transformer."),
-            title="T5-XXL",
-        ),
+        sole_text_encoder("t5xxl", "T5-XXL"),
     ),
     kohya_names={"dit": ("lora_unet_", "bfl"), "te1": ("lora_te_", "hf")},
     renames=(

@@ -40,6 +40,16 @@ class TextEncoder(NamedTuple):
     title: str = ""
 
 
+def sole_text_encoder(kind: str, title: str) -> TextEncoder:
+    """The one text encoder of a DiT family: ComfyUI stores it as `text_encoders.<kind>.transformer.`, a
+    diffusers folder as `text_encoder/`; LoRAs name it `lora_te_`/`lora_te1_` (kohya), `text_encoder.`
+    (PEFT/diffusers) or by ComfyUI's key. One constructor, since every such family spells it alike."""
+    comfy = f"text_encoders.{kind}.transformer."
+    return TextEncoder(
+        "te1", ((comfy, kind), ("text_encoder.", kind)), ("lora_te_", "lora_te1_", "text_encoder.", comfy), title=title
+    )
+
+
 class TextEncoderKind(NamedTuple):
     """What a text encoder kind (CLIP-L, OpenCLIP-G, T5, ...) is called and which of its modules trainers target."""
 

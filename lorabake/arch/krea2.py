@@ -16,7 +16,7 @@ from lorabake.arch.common import (
     Layout,
     Probe,
     Renames,
-    TextEncoder,
+    sole_text_encoder,
 )
 
 _STACKS = {
@@ -136,12 +136,7 @@ FAMILY = Family(
     ),
     # Qwen3-VL-4B: ComfyUI's all-in-one file (comfy/text_encoders/krea2.py name="qwen3vl_4b"), a diffusers folder
     text_encoders=(
-        TextEncoder(
-            "te1",
-            (("text_encoders.qwen3vl_4b.transformer.", "qwen3vl_4b"), ("text_encoder.", "qwen3vl_4b")),
-            ("lora_te_", "lora_te1_", "text_encoder.", "text_encoders.qwen3vl_4b.transformer."),
-            title="Qwen3-VL",
-        ),
+        sole_text_encoder("qwen3vl_4b", "Qwen3-VL"),
     ),
     kohya_names={"dit": ("lora_unet_", "native"), "te1": ("lora_te_", "hf_base")},
     renames=(Renames("native", "diffusers", modules=NATIVE_TO_DIFFUSERS, note="Krea 2 original -> diffusers"),),

@@ -18,7 +18,7 @@ from lorabake.arch.common import (
     Layout,
     Probe,
     Renames,
-    TextEncoder,
+    sole_text_encoder,
 )
 
 _S = _nextdit.STACKS
@@ -112,12 +112,7 @@ FAMILY = Family(
     # Gemma 2 2B: ComfyUI's all-in-one file (comfy/text_encoders/lumina2.py name="gemma2_2b"), a diffusers
     # folder; kohya sd-scripts lora_lumina.py writes it as lora_te_ (LORA_PREFIX_TEXT_ENCODER)
     text_encoders=(
-        TextEncoder(
-            "te1",
-            (("text_encoders.gemma2_2b.transformer.", "gemma2_2b"), ("text_encoder.", "gemma2_2b")),
-            ("lora_te_", "lora_te1_", "text_encoder.", "text_encoders.gemma2_2b.transformer."),
-            title="Gemma 2",
-        ),
+        sole_text_encoder("gemma2_2b", "Gemma 2"),
     ),
     # kohya sd-scripts lora_lumina.py trains the original module names (lora_unet_layers_0_attention_qkv)
     kohya_names={"dit": ("lora_unet_", "native"), "te1": ("lora_te_", "hf_base")},

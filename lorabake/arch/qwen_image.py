@@ -21,8 +21,8 @@ from lorabake.arch.common import (
     Layout,
     Probe,
     Renames,
-    TextEncoder,
     Variant,
+    sole_text_encoder,
 )
 
 # Qwen-Image: the text-side norm and a block's image modulation exist in no other family.
@@ -124,12 +124,7 @@ FAMILY = Family(
     # Qwen2.5-VL-7B: ComfyUI's all-in-one file (comfy/text_encoders/qwen_image.py name="qwen25_7b"), a
     # diffusers folder's text_encoder/
     text_encoders=(
-        TextEncoder(
-            "te1",
-            (("text_encoders.qwen25_7b.transformer.", "qwen25_7b"), ("text_encoder.", "qwen25_7b")),
-            ("lora_te_", "lora_te1_", "text_encoder.", "text_encoders.qwen25_7b.transformer."),
-            title="Qwen2.5-VL",
-        ),
+        sole_text_encoder("qwen25_7b", "Qwen2.5-VL"),
     ),
     kohya_names={"dit": ("lora_unet_", "diffusers"), "te1": ("lora_te_", "hf_base")},
     renames=(Renames("diffusers", "split", modules=GATE_UP, note="Qwen-Image 2.1 fused gate_up halves"),),

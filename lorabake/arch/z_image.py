@@ -17,7 +17,7 @@ from lorabake.arch.common import (
     Layout,
     Probe,
     Renames,
-    TextEncoder,
+    sole_text_encoder,
 )
 
 NATIVE_TO_DIFFUSERS = Renames(
@@ -95,12 +95,7 @@ FAMILY = Family(
     ),
     # Qwen3-4B: ComfyUI's all-in-one file (comfy/text_encoders/z_image.py name="qwen3_4b"), a diffusers folder
     text_encoders=(
-        TextEncoder(
-            "te1",
-            (("text_encoders.qwen3_4b.transformer.", "qwen3_4b"), ("text_encoder.", "qwen3_4b")),
-            ("lora_te_", "lora_te1_", "text_encoder.", "text_encoders.qwen3_4b.transformer."),
-            title="Qwen3",
-        ),
+        sole_text_encoder("qwen3_4b", "Qwen3"),
     ),
     # musubi-tuner names Z-Image modules by their diffusers path (lora_unet_layers_0_attention_to_q)
     kohya_names={"dit": ("lora_unet_", "diffusers"), "te1": ("lora_te_", "hf_base")},
