@@ -53,9 +53,21 @@ class FloatRows:
     noise from a `rounding.NoiseStream` in row order, so the bits equal `rounding.cast_to`'s.
     """
 
-    def __init__(self, stored: Tensor, out_dtype: torch.dtype, *, rounding_mode: str = "nearest", seed_key: str | None = None):
+    def __init__(
+        self,
+        stored: Tensor,
+        out_dtype: torch.dtype,
+        *,
+        rounding_mode: str = "nearest",
+        seed_key: str | None = None,
+        first_row: int = 0,
+        noise: rounding.NoiseStream | None = None,
+    ):
+        """`stored` may be rows [first_row, first_row + len) of a larger tensor (a window of it):
+        the methods then take that tensor's row numbers, and `noise` is its one stream."""
         self.shape = tuple(stored.shape)
         self.rows, self.cols = fold.rows_cols(self.shape)
+        self.first = first_row
         self.src = stored.reshape(self.rows, self.cols)
         self.in_place = out_dtype == stored.dtype
         self.out = self.src if self.in_place else torch.empty((self.rows, self.cols), dtype=out_dtype, device=stored.device)
@@ -71,19 +83,19 @@ class FloatRows:
             self.parallel = False  # the noise stream is read in row order
             if seed_key is None:
                 raise ValueError("stochastic rounding needs a seed_key (the tensor name)")
-            self.noise = rounding.NoiseStream(rounding.seed_of(seed_key), self.rows * self.cols, out_dtype)
+            self.noise = noise or rounding.NoiseStream(rounding.seed_of(seed_key), self.rows * self.cols, out_dtype)
 
     def decode(self, start: int, stop: int, out: Tensor) -> Tensor:
-        return out.copy_(self.src[start:stop])
+        return out.copy_(self.src[start - self.first : stop - self.first])
 
     def encode(self, start: int, stop: int, x32: Tensor) -> None:
         noise = None
         if self.noise is not None:
             noise = self.noise.take(start * self.cols, (stop - start) * self.cols, device=x32.device)
-        rounding.cast_into(self.out[start:stop], x32, noise=noise)
+        rounding.cast_into(self.out[start - self.first : stop - self.first], x32, noise=noise)
 
     def stored(self, start: int, stop: int, out: Tensor) -> Tensor:
-        return out.copy_(self.out[start:stop])
+        return out.copy_(self.out[start - self.first : stop - self.first])
 
     def base_in_output(self, w32: Tensor, out: Tensor) -> Tensor:
         if self.lossless:
@@ -107,6 +119,26 @@ def _step(cols: int) -> int:
     return max(1, BLOCK_ELEMS // max(cols, 1))
 
 
+def grid_blocks(segments: Sequence[fold.Segment], start: int, stop: int, step: int) -> list[tuple[fold.Segment, int, int]]:
+    """The (segment, first row, end row) blocks of rows [start, stop): each segment cut on the
+    tensor's grid of `step` rows, so a row falls in the same block however the rows are windowed
+    (a window's bytes then equal the whole tensor's)."""
+    out = []
+    for seg in segments:
+        a, end = max(seg.start, start), min(seg.stop, stop)
+        while a < end:
+            b = min((a // step + 1) * step, end)
+            out.append((seg, a, b))
+            a = b
+    return out
+
+
+def window_rows(cols: int, itemsize: int, window_bytes: int) -> int:
+    """Rows per window of a tensor read in pieces: a whole number of grid rows, ≤ `window_bytes`."""
+    step = _step(cols)
+    return step * max(1, window_bytes // max(1, step * cols * itemsize))
+
+
 class _Buffers:
     """The four fp32 block buffers, reused for every block of a tensor."""
 
@@ -127,20 +159,30 @@ def bake_tensor(
     segments = fold.fold(codec.shape, patches, device=device)
     if segments is None:
         return _bake_whole(codec, patches, device)
-    step = _step(codec.cols)
-    blocks = []
+    return bake_rows(codec, segments, 0, codec.rows, device=device, pool=pool, workers=workers).fraction
+
+
+def bake_rows(
+    codec: Codec,
+    segments: Sequence[fold.Segment],
+    start: int,
+    stop: int,
+    *,
+    device: torch.device,
+    pool: Executor | None = None,
+    workers: int = 1,
+) -> rounding.LostDelta:
+    """Rows [start, stop) of a folded tensor (`codec` may hold just those rows); their statistic."""
     for seg in segments:
-        if not seg.touched:
-            codec.keep(seg.start, seg.stop)
-            continue
-        blocks += [(seg, a, min(a + step, seg.stop)) for a in range(seg.start, seg.stop, step)]
+        if not seg.touched and max(seg.start, start) < min(seg.stop, stop):
+            codec.keep(max(seg.start, start), min(seg.stop, stop))  # elementwise: any cut gives the same bytes
+    blocks = grid_blocks([seg for seg in segments if seg.touched], start, stop, _step(codec.cols))
     if not blocks:
-        return 0.0
+        return rounding.LostDelta()
     runs = _split(blocks, workers if (pool is not None and codec.parallel) else 1)
     if len(runs) == 1:
-        return _bake_blocks(codec, blocks, device).fraction
-    parts = [f.result() for f in [pool.submit(_bake_blocks, codec, run, device) for run in runs]]
-    return rounding.LostDelta.combine(parts).fraction
+        return _bake_blocks(codec, blocks, device)
+    return rounding.LostDelta.combine([f.result() for f in [pool.submit(_bake_blocks, codec, run, device) for run in runs]])
 
 
 def _split(blocks: list, n: int) -> list[list]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lorabake import __version__, bake_kernel, delta, devices, dtypes, finite, pipeline, spread
+from lorabake import __version__, bake_kernel, bake_windows, bufpool, delta, devices, dtypes, finite, pipeline, readahead, spread
 from lorabake.errors import MatchError, UsageError
 from lorabake.lora_data import LoraData
 from lorabake.plan import BIAS_PARTS, LoraSpec, MergePlan, PlannedPatch, plan_merge
@@ -258,6 +258,11 @@ class _Baker:
         stored = to_tensor(buf, self.plan.base.tensors[name]).to(self.device)
         return bake_kernel.FloatRows(stored, dtypes.torch_dtype(tag), rounding_mode=self.opts.rounding, seed_key=name)
 
+    def guarded(self, name: str, codec: bake_kernel.Codec, tag: str) -> finite.Guarded:
+        """`codec` with every encoded block checked against `tag`'s range (or clamped: --saturate)."""
+        sources = finite.lora_paths(self.plan, name) or [self.plan.base.path]
+        return finite.Guarded(codec, tag, tensor=name, sources=sources, saturated=self.result.saturated if self.opts.saturate else None)
+
     def _bake(self, name: str, buf: bytearray | memoryview, patches: list[PlannedPatch], tag: str) -> torch.Tensor:
         baked = None  # None from the pipeline: the plain path runs (whole-tensor adapters, values out of range)
         if self.pipe is not None:
@@ -265,7 +270,7 @@ class _Baker:
             stored = to_tensor(buf, self.plan.base.tensors[name])
             baked = self.pipe.bake(stored, host, dtypes.torch_dtype(tag), rounding_mode=self.opts.rounding, seed_key=name)
         if baked is None:
-            codec = finite.Guarded(self.codec(name, buf, tag), tag, tensor=name, sources=finite.lora_paths(self.plan, name) or [self.plan.base.path], saturated=self.result.saturated if self.opts.saturate else None)
+            codec = self.guarded(name, self.codec(name, buf, tag), tag)
             lost = bake_kernel.bake_tensor(codec, [self._math_patch(p) for p in patches], device=self.device, pool=self.pool, workers=self.workers)
             baked = codec.result().cpu(), lost
         if patches:
@@ -352,15 +357,20 @@ def _write_merged(
         sources=[base, *(lp.reader for lp in plan.loras)],
     ) as writer:
         baker.pool, baker.workers, baker.pipe = pool, workers, pipe
-        # unchanged tensors are copied file to file by the kernel; only the others are read
-        computed = base.iter_bytes([n for n in base.tensors if not baker.passes_through(n)], readahead_bytes=opts.readahead_bytes)
+        # unchanged tensors are copied file to file by the kernel; only the others are read, ahead,
+        # into reused buffers: targeted float tensors in row windows (bake_windows), the rest whole
+        windows = {n: bake_windows.windows_of(baker, n) for n in base.tensors if not baker.passes_through(n)}
+        buffers = bufpool.BufferPool(keep=WRITE_QUEUE_BYTES + opts.readahead_bytes)
+        computed = readahead.read_ahead(base, bake_windows.pieces(base, windows), opts.readahead_bytes, buffers.take)
         with closing(computed):
             for name, info in base.tensors.items():
                 if baker.passes_through(name):
                     fd, offset, _size = base.source_of(name)
                     writer.copy_from(name, fd, offset)
+                elif windows[name] is not None:
+                    bake_windows.bake(baker, name, windows[name], computed, writer)
                 else:
-                    _read, buf = next(computed)
+                    _read, _start, buf = next(computed)
                     writer.write(name, baker.produce(name, buf))
                 if progress:
                     progress(info.nbytes)

@@ -192,12 +192,11 @@ class Pipeline:
         out = torch.empty((rows, cols), dtype=out_dtype)
         job = _Job(src, out, rounding_mode, seed_key)
         step = max(1, self.block_elems // max(cols, 1))
-        blocks = []
         for seg in segments:
             if not seg.touched and job.in_place:
                 out[seg.start : seg.stop].copy_(src[seg.start : seg.stop])
-                continue
-            blocks += [(seg, a, min(a + step, seg.stop)) for a in range(seg.start, seg.stop, step)]
+        kept = [seg for seg in segments if seg.touched or not job.in_place]
+        blocks = bake_kernel.grid_blocks(kept, 0, rows, step)  # the plain path's blocks when `step` is its
         if not blocks:
             return out.reshape(shape), 0.0
         job.cap = max(b - a for _, a, b in blocks)  # every buffer is sized once per tensor, before any use

@@ -2,19 +2,18 @@
 
 No mmap: pages of an mmap stay in the process's resident set, so reading a 23 GB checkpoint
 through one would grow RSS to the file size. `pread` into a new buffer per tensor keeps peak
-memory at the largest tensor (plus the read-ahead budget).
+memory at the largest tensor (plus the read-ahead budget), or at a window of it when the caller
+reads a tensor in pieces (`read_into` with an offset, `readahead.read_ahead`).
 """
 
 from __future__ import annotations
 
 import os
-import queue
 import re
-import threading
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from lorabake import dtypes
+from lorabake import dtypes, readahead
 from lorabake.errors import HeaderError, InputError
 from lorabake.st_header import Header, Identity, TensorInfo, open_regular, parse_json, read_header_fd
 
@@ -144,7 +143,7 @@ class SafetensorsReader:
     def read_bytes(self, name: str) -> bytearray:
         """The raw bytes of tensor `name`, in a buffer of its own."""
         buf = bytearray(self.tensors[name].nbytes)
-        self._read_into(name, memoryview(buf))
+        self.read_into(name, memoryview(buf))
         return buf
 
     def read_view(self, name: str) -> memoryview:
@@ -153,14 +152,17 @@ class SafetensorsReader:
         Supports what the streaming paths need: len, slicing, hashing, `to_tensor`, writing.
         """
         view = _empty_buffer(self.tensors[name].nbytes)
-        self._read_into(name, view)
+        self.read_into(name, view)
         return view
 
-    def _read_into(self, name: str, view: memoryview) -> None:
+    def read_into(self, name: str, view: memoryview, offset: int = 0) -> None:
+        """Fill `view` with tensor `name`'s bytes from byte `offset` of it on."""
         header, info = self.shard_of(name), self.tensors[name]
+        if offset < 0 or offset + len(view) > info.nbytes:
+            raise ValueError(f"bytes [{offset}, {offset + len(view)}) are outside {name!r} ({info.nbytes} bytes)")
         buf = view
         fd = self._fd(header.path)
-        pos = header.data_offset + info.start
+        pos = header.data_offset + info.start + offset
         done = 0
         while done < len(buf):
             got = os.preadv(fd, [view[done:]], pos + done)
@@ -199,7 +201,9 @@ class SafetensorsReader:
             for name in names:
                 yield name, self.read_view(name)
             return
-        yield from _prefetch(self, names, readahead_bytes)
+        pieces = [(name, 0, self.tensors[name].nbytes) for name in names]
+        for name, _start, view in readahead.read_ahead(self, pieces, readahead_bytes, _empty_buffer):
+            yield name, view
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -231,48 +235,6 @@ def to_tensor(buf: bytearray | memoryview, info: TensorInfo) -> torch.Tensor:
     if info.numel == 0:
         return torch.empty(info.shape, dtype=dt)
     return torch.frombuffer(buf, dtype=dt).reshape(info.shape)
-
-
-def _prefetch(reader: SafetensorsReader, names: list[str], budget: int) -> Iterator[tuple[str, memoryview]]:
-    done = object()
-    slots = threading.Condition()
-    in_flight = [0]
-    out: queue.Queue = queue.Queue()
-    stop = threading.Event()
-
-    def work() -> None:
-        try:
-            for name in names:
-                size = reader.tensors[name].nbytes
-                with slots:
-                    slots.wait_for(lambda size=size: stop.is_set() or in_flight[0] == 0 or in_flight[0] + size <= budget)
-                    if stop.is_set():
-                        return
-                    in_flight[0] += size
-                out.put((name, reader.read_view(name)))
-            out.put(done)
-        except BaseException as exc:  # handed to the consumer, re-raised there
-            out.put(exc)
-
-    thread = threading.Thread(target=work, name="lorabake-readahead", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = out.get()
-            if item is done:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            name, buf = item
-            with slots:
-                in_flight[0] -= buf.nbytes
-                slots.notify_all()
-            yield name, buf
-    finally:
-        stop.set()
-        with slots:
-            slots.notify_all()
-        thread.join()
 
 
 # -- sharded and folder layouts ------------------------------------------------------------

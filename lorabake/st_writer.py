@@ -73,6 +73,7 @@ class SafetensorsWriter:
                 )
         self._out = OutputFile(self.target, force=force)
         self._next = 0
+        self._part = 0  # bytes of the current tensor given to `write_part` so far
         self._file = None
         self._sha_file = hashlib.sha256()
         self._sha_data = hashlib.sha256()
@@ -133,6 +134,8 @@ class SafetensorsWriter:
         """Append tensor `name`, which must be the next declared one, with its declared layout."""
         if self._file is None:
             raise WriterProtocolError("writer is not open", path=self.target, tensor=name)
+        if self._part:
+            raise WriterProtocolError("a tensor begun with write_part is not complete", path=self.target, tensor=name)
         if self._next >= len(self.entries):
             raise WriterProtocolError("more tensors than declared", path=self.target, tensor=name)
         exp_name, tag, shape = self.entries[self._next]
@@ -160,11 +163,33 @@ class SafetensorsWriter:
             raise WriterProtocolError(
                 f"{size} bytes given, {end - start} declared", path=self.target, tensor=name
             )
+        self._send(data, size)
+        self._next += 1
+
+    def write_part(self, name: str, data: torch.Tensor | bytes | bytearray | memoryview) -> None:
+        """Append the next bytes of tensor `name` (in pieces, e.g. row windows): once they add up
+        to its declared size the next tensor follows. Contiguous tensors are taken as raw bytes."""
+        if self._file is None or self._next >= len(self.entries) or self.entries[self._next][0] != name:
+            raise WriterProtocolError(f"out of order: expected {self.next_name!r} next", path=self.target, tensor=name)
+        if isinstance(data, torch.Tensor):
+            data = tensor_bytes(data)
+        start, end = self.spans[self._next]
+        size = data.nbytes if isinstance(data, memoryview) else len(data)
+        if self._part + size > end - start:
+            raise WriterProtocolError(
+                f"{self._part + size} bytes given, {end - start} declared", path=self.target, tensor=name
+            )
+        self._send(data, size)
+        self._part += size
+        if self._part == end - start:
+            self._part = 0
+            self._next += 1
+
+    def _send(self, data, size: int) -> None:
         if self._pipe is not None:
             self._pipe.put(data, size)
         else:
             self._raw_write(data, data=True)
-        self._next += 1
 
     def copy_from(self, name: str, fd: int, offset: int) -> None:
         """Append tensor `name` as the bytes at `offset` of the open file `fd`, copied by the kernel.
@@ -173,7 +198,7 @@ class SafetensorsWriter:
         never pass through Python; both hashes read them back from the page cache on their
         threads. `fd` must stay open until `commit`.
         """
-        if self._file is None or self._next >= len(self.entries) or self.entries[self._next][0] != name:
+        if self._file is None or self._part or self._next >= len(self.entries) or self.entries[self._next][0] != name:
             expected = self.next_name
             raise WriterProtocolError(f"out of order: expected {expected!r} next", path=self.target, tensor=name)
         start, end = self.spans[self._next]

@@ -18,7 +18,7 @@ PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 # (Written down once here; README "Development" points at it.)
 LAYERS: list[tuple[str, ...]] = [
     # 0: value types, errors, dtypes, devices: no lorabake imports beyond this layer
-    ("types", "errors", "dtypes", "devices", "file_copy"),
+    ("types", "errors", "dtypes", "devices", "file_copy", "bufpool", "readahead"),
     # 1: the safetensors format, and the format knowledge as data (families, adapter grammar)
     ("st_entry", "st_scan", "st_header", "st_reader", "st_writer", "arch", "adapters"),
     # 2: reading names and descriptions: checkpoint detection, LoRA grammar, recipes and jobs; math on tensors
@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     # 4: what a LoRA is for (matching against rule tables), and the plan
     ("lora_base", "blocks", "plan", "extract_full", "extract_plan", "convert_plan"),
     # 5: use cases: where files meet math
-    ("ops", "extract", "inspection", "explain", "batch", "fanout", "loratools", "loratools_out", "base_delta", "convert",
+    ("ops", "bake_windows", "extract", "inspection", "explain", "batch", "fanout", "loratools", "loratools_out", "base_delta", "convert",
      "convert_write", "block_energy"),
     # 6: presentation
     ("progress", "render", "batch_render", "lora_args", "cli_loratools", "cli", "__main__"),
