@@ -98,3 +98,42 @@ class SpanHasher:
         if self._buf is None or len(self._buf) < want:
             self._buf = memoryview(bytearray(want))
         hash_span(self.update, chunk, self._buf)
+
+
+WRITEBACK_BYTES = 64 << 20  # the output's dirty bytes handed to the disk at a time
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _libc_sync_file_range():
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # not Linux: the final fsync does all the work
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
+
+
+class Writeback:
+    """Starts the kernel's writeback of an output behind the writer, every `WRITEBACK_BYTES`.
+
+    The kernel otherwise leaves a fresh output's pages dirty until the final fsync (background
+    writeback starts at 10 % of RAM), so the bake would end waiting for the whole file to reach
+    the disk (perf: ~1 s of an SD1.5 merge in `fsync`). Handed over as it is written, the disk
+    works while we compute, and the fsync has only the tail left. A hint: errors are ignored.
+    """
+
+    _call = None
+
+    def __init__(self, fd: int, every: int | None = None) -> None:
+        self.fd, self.every, self.done = fd, every or WRITEBACK_BYTES, 0
+        if Writeback._call is None:
+            Writeback._call = _libc_sync_file_range() or False
+
+    def advance(self, end: int) -> None:
+        """The file's bytes before offset `end` are written: start writing back the new ones."""
+        if end - self.done < self.every or not Writeback._call:
+            return
+        Writeback._call(self.fd, self.done, end - self.done, _SYNC_FILE_RANGE_WRITE)
+        self.done = end

@@ -18,7 +18,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lorabake import __version__, bake_kernel, bake_windows, bufpool, delta, devices, dtypes, finite, pipeline, readahead, spread
+from lorabake import (
+    __version__,
+    bake_kernel,
+    bake_windows,
+    bufpool,
+    delta,
+    devices,
+    dtypes,
+    finite,
+    pipeline,
+    readahead,
+    spread,
+)
 from lorabake.errors import MatchError, UsageError
 from lorabake.lora_data import LoraData
 from lorabake.plan import BIAS_PARTS, LoraSpec, MergePlan, PlannedPatch, plan_merge

@@ -99,6 +99,8 @@ class SafetensorsWriter:
             self._file = self._out.create()
             prefix = struct.pack("<Q", len(self.header_bytes)) + self.header_bytes
             self._raw_write(prefix, data=False)
+            self._end = len(prefix)  # bytes handed to the file so far (by `_write_and_hash`)
+            self._writeback = file_copy.Writeback(self._file.fileno())
             if self._background_bytes > 0:
                 self._pipe = _Pipe(self._background_bytes, [self._write_and_hash, self._hash_data])
         except BaseException:
@@ -111,10 +113,13 @@ class SafetensorsWriter:
             if span is not None:
                 self._file.flush()
                 file_copy.copy_span(span, self._file.fileno())
+                self._end += span.size
             else:
                 self._file.write(chunk)
+                self._end += chunk.nbytes if isinstance(chunk, memoryview) else len(chunk)
         except OSError as exc:
             raise _os_error(exc, self.target) from None
+        self._writeback.advance(self._end)
         self._hash_file(chunk)
 
     def _raw_write(self, chunk: bytes | bytearray | memoryview, *, data: bool) -> None:

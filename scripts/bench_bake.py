@@ -142,18 +142,18 @@ def count_reads(recipe: str) -> dict[str, float]:
     from lorabake import batch, st_reader
 
     counted: dict[str, int] = {}
-    original = st_reader.SafetensorsReader._read_into
+    original = st_reader.SafetensorsReader.read_into
 
     def counting(self, name, view):
         path = self.shard_of(name).path
         counted[path] = counted.get(path, 0) + len(view)
         return original(self, name, view)
 
-    st_reader.SafetensorsReader._read_into = counting
+    st_reader.SafetensorsReader.read_into = counting
     try:
         batch.run_batch(batch.BatchOptions(recipe=recipe))
     finally:
-        st_reader.SafetensorsReader._read_into = original
+        st_reader.SafetensorsReader.read_into = original
     folder = os.path.dirname(recipe)
     return {os.path.relpath(p, folder): n / read_header(p).data_size for p, n in counted.items() if "/bases/" in p}
 

@@ -129,7 +129,7 @@ def test_dry_run_plans_from_headers_only(tmp_path, monkeypatch):
     def refuse(*_a, **_k):
         raise AssertionError("dry run read tensor data")
 
-    monkeypatch.setattr(st_reader.SafetensorsReader, "_read_into", refuse)
+    monkeypatch.setattr(st_reader.SafetensorsReader, "read_into", refuse)
     code, out, err = run_main(["bake", world["recipe"], "--dry-run", "--json"])
     assert code == 0, err
     doc = json.loads(out)

@@ -160,3 +160,50 @@ def test_bad_factor_is_reported_by_the_exact_path():
     stored = rnd(1280, 1280).to(torch.float16)
     with pytest.raises(Exception, match="NaN or Inf"):
         kernel(stored, [p], torch.float16)
+
+
+def windowed(stored: torch.Tensor, patches, out_dtype, window_rows: int, mode="nearest", key="k"):
+    """The tensor baked as `bake_windows` does: rows [a, b) at a time, each in a codec of its own."""
+    segments = fold.fold(stored.shape, patches, device=torch.device("cpu"))
+    rows, cols = fold.rows_cols(stored.shape)
+    noise = rounding.NoiseStream(rounding.seed_of(key), rows * cols, out_dtype) if mode == "stochastic" else None
+    outs, parts = [], []
+    for a in range(0, rows, window_rows):
+        b = min(a + window_rows, rows)
+        codec = bake_kernel.FloatRows(stored[a:b].clone(), out_dtype, rounding_mode=mode, seed_key=key, first_row=a, noise=noise)
+        parts.append(bake_kernel.bake_rows(codec, segments, a, b, device=torch.device("cpu")))
+        outs.append(codec.result())
+    return torch.cat(outs), rounding.LostDelta.combine(parts).fraction
+
+
+WINDOW_CASES = {
+    **CASES,
+    # a fused qkv of a 640-wide model: q, k, v slices from one LoRA, k again from a second one
+    "qkv_small": lambda: (
+        (1920, 640),
+        [lora(640, (640,), 8, slice=RowSlice(0, 640)), lora(640, (640,), 8, slice=RowSlice(640, 640)),
+         lora(640, (640,), 8, slice=RowSlice(1280, 640)), lora(640, (640,), 4, slice=RowSlice(640, 640), strength=2.0)],
+    ),
+}
+
+
+@pytest.mark.parametrize(("case", "mode"), [("qkv_small", "nearest"), ("mixed_linear", "nearest"), ("locon", "nearest"),
+                                            ("four_loras", "stochastic")])
+def test_row_windows_give_the_whole_tensor_bytes(case, mode):
+    """Windows on the kernel's row grid (here a window of 7 grid steps, so window edges, slice edges and
+    block edges all differ): the bytes equal one whole-tensor bake, and so does the statistic."""
+    shape, patches = WINDOW_CASES[case]()
+    stored = rnd(*shape).to(torch.bfloat16)
+    want, want_lost = kernel(stored, patches, torch.bfloat16, mode=mode)
+    step = bake_kernel._step(fold.rows_cols(shape)[1])
+    rows = bake_kernel.window_rows(fold.rows_cols(shape)[1], 2, 7 * step * fold.rows_cols(shape)[1] * 2)
+    assert rows == 7 * step and shape[0] > 2 * rows
+    got, got_lost = windowed(stored, patches, torch.bfloat16, rows, mode=mode)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    assert got_lost == pytest.approx(want_lost, rel=1e-9, abs=1e-12)
+
+
+def test_grid_blocks_follow_the_grid_not_the_segment():
+    segs = [fold.Segment(0, 100), fold.Segment(100, 250)]
+    blocks = [(s.start, a, b) for s, a, b in bake_kernel.grid_blocks(segs, 30, 230, 64)]
+    assert blocks == [(0, 30, 64), (0, 64, 100), (100, 100, 128), (100, 128, 192), (100, 192, 230)]

@@ -183,14 +183,16 @@ def test_python_dash_m_smoke(tmp_path, good):
 # -- in-process interruption (the same path, without a process) -----------------------------
 @pytest.mark.parametrize("exc", [KeyboardInterrupt, SystemExit], ids=["KeyboardInterrupt", "SystemExit"])
 def test_interrupt_after_first_tensor_in_process(tmp_path, good, monkeypatch, exc):
-    real_write = st_writer.SafetensorsWriter.write
+    def interrupting(real):  # whole tensors (`write`) and row windows (`write_part`) alike
+        def write(self, name, data):
+            real(self, name, data)
+            if self._next == 2 and not self._part:
+                raise exc()
 
-    def write(self, name, data):
-        real_write(self, name, data)
-        if self._next == 2:
-            raise exc()
+        return write
 
-    monkeypatch.setattr(st_writer.SafetensorsWriter, "write", write)
+    for method in ("write", "write_part"):
+        monkeypatch.setattr(st_writer.SafetensorsWriter, method, interrupting(getattr(st_writer.SafetensorsWriter, method)))
     base, lora = good
     with untouched(tmp_path, os.path.dirname(base)):
         code, _, err = run_main(["merge", base, "--lora", lora, "-o", str(tmp_path / "o.safetensors")])
