@@ -248,7 +248,9 @@ class Pipeline:
         dev_out = view(slot, "dev_out", job.out.dtype)
         peak = slot.view("dev_peak", 1, 1, torch.float32)
         bufs = [view(self.work, k, torch.float32) for k in ("w", "new", "intended", "realised")]
-        b_.run(self.math, lambda: _math(job, seg, factors, a, b, dev_in, dev_out, noise, peak, bufs, lost))
+        step = max(1, self.block_elems // max(cols, 1))
+        stat = lost if factors is not None and bake_kernel.sampled(a, step) else None  # the plain path's sample
+        b_.run(self.math, lambda: _math(job, seg, factors, a, b, dev_in, dev_out, noise, peak, bufs, stat))
         b_.record(slot.computed, self.math)
 
         b_.wait(self.down, slot.computed)
@@ -286,7 +288,7 @@ class _Job:
 
 
 def _math(job: _Job, seg: fold.Segment, factors, a: int, b: int, dev_in: Tensor, dev_out: Tensor,
-          noise: Tensor | None, peak: Tensor, bufs: list[Tensor], lost: rounding.LostDelta) -> None:
+          noise: Tensor | None, peak: Tensor, bufs: list[Tensor], lost: rounding.LostDelta | None) -> None:
     """One block on the device: `bake_kernel._bake_blocks` and `_finish` for `FloatRows`, op for op."""
     w, new, intended, realised = bufs
     w.copy_(dev_in)
@@ -302,10 +304,10 @@ def _math(job: _Job, seg: fold.Segment, factors, a: int, b: int, dev_in: Tensor,
             new.add_(dw[a - first : b - first])
     lo, hi = torch.aminmax(new)  # what `finite.guard` checks, read by the host with the block
     peak.copy_(torch.maximum(hi, lo.neg()).reshape(1, 1))
-    if factors is not None:
+    if lost is not None:
         torch.sub(new, w, out=intended)
     rounding.cast_into(dev_out, new, noise=noise)  # may clamp `new` in place (fp8 saturation)
-    if factors is None:
+    if lost is None:
         return
     realised.copy_(dev_out)
     realised.sub_(w if job.lossless else new.copy_(rounding.cast_to(w, job.out_tag)))

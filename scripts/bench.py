@@ -249,9 +249,11 @@ def summary(samples: list[tuple[float, int, float]]) -> dict:
 
 
 def startup_cases(exe: list[str], base: str) -> dict[str, list[str]]:
-    """Header-only commands beside a bare interpreter start: `--help` and `inspect` never import torch."""
+    """Header-only commands beside a bare interpreter start: `--help` and `inspect` never import torch.
+    `import torch` is the floor under every merge (its fp32 math runs in torch), paid before any byte moves."""
     return {
         "python -c pass": [sys.executable, "-c", "pass"],
+        "python -c 'import torch'": [sys.executable, "-c", "import torch"],
         "lorabake --help": exe + ["--help"],
         "inspect (header only)": exe + ["inspect", base],
     }
