@@ -2,8 +2,10 @@
 
 The reference is `delta.apply_patches` on the fp32 weight, then `rounding.cast_to` and
 `rounding.lost_fraction` (the 0.1 path, itself cross-checked against diffusers, PEFT and LyCORIS).
-Shapes are real ones (SDXL attention/FF, a 3x3 conv, Flux's fused qkv with three slices); the block
-size is shrunk so every tensor spans many blocks and a slice boundary falls inside a block.
+Shapes are real ones (SDXL attention/FF, a 3x3 conv, OpenCLIP's text projection); FLUX's fused qkv
+(three slices) and swapped-halves adaLN are taken at SDXL width 1280, with one real-shape FLUX qkv case
+(`test_kernel_on_flux_qkv`). The block size is shrunk so every tensor spans many blocks; at width 1280
+a block is 3 rows and a bit, so slice boundaries fall inside blocks (at 3072 a block is one whole row).
 """
 
 from __future__ import annotations
@@ -42,6 +44,13 @@ def kernel(stored: torch.Tensor, patches, out_dtype, mode="nearest", key="k"):
 
 
 @pytest.fixture(autouse=True)
+def _seeded():
+    """Every test draws the same values whichever tests ran before it in this process (a subset, another
+    order): GEN restarts from its seed."""
+    GEN.manual_seed(7)
+
+
+@pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
     monkeypatch.setattr(bake_kernel, "BLOCK_ELEMS", 3 * 1280 + 17)  # blocks of a few rows, never aligned
     monkeypatch.setattr(bake_kernel, "SAMPLE_EVERY", 1)  # the exact statistic (its sampling is tested below)
@@ -62,19 +71,24 @@ def close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> None:
         assert (diff > 0).float().mean() < 0.01  # a tie rounded the other way, not a different result
 
 
+def fused_qkv(w: int) -> tuple[tuple[int, int], list[delta.Patch]]:
+    """A fused qkv [3w, w] (FLUX.1: w = 3072): q, k, v slices from one LoRA, v again from a second one."""
+    return (
+        (3 * w, w),
+        [lora(w, (w,), 16, slice=RowSlice(0, w)), lora(w, (w,), 16, slice=RowSlice(w, w)),
+         lora(w, (w,), 16, slice=RowSlice(2 * w, w)), lora(w, (w,), 4, slice=RowSlice(2 * w, w), strength=2.0)],
+    )
+
+
 CASES = {
     # SDXL attention to_q [1280, 1280]: four LoRAs of ranks 16/64/128/128, kohya alpha and PEFT (none)
     "four_loras": lambda: ((1280, 1280), [lora(1280, (1280,), 16, alpha=8.0), lora(1280, (1280,), 64), lora(1280, (1280,), 128, alpha=64.0, strength=-0.5), lora(1280, (1280,), 128, strength=1.3)]),
     # SDXL resnet conv [640, 640, 3, 3] with LoCon factors
     "locon": lambda: ((640, 640, 3, 3), [lora(640, (640, 3, 3), 16, alpha=1.0), lora(640, (640, 3, 3), 8)]),
-    # Flux fused qkv [9216, 3072]: q, k, v slices from one LoRA, v again from a second one
-    "qkv_slices": lambda: (
-        (9216, 3072),
-        [lora(3072, (3072,), 16, slice=RowSlice(0, 3072)), lora(3072, (3072,), 16, slice=RowSlice(3072, 3072)),
-         lora(3072, (3072,), 16, slice=RowSlice(6144, 3072)), lora(3072, (3072,), 4, slice=RowSlice(6144, 3072), strength=2.0)],
-    ),
-    # Flux final_layer.adaLN_modulation [6144, 3072] seen as diffusers norm_out (halves swapped)
-    "swap_halves": lambda: ((6144, 3072), [lora(6144, (3072,), 16, transform="swap_halves"), lora(6144, (3072,), 8)]),
+    # Flux fused qkv [3 * W, W] at W = 1280: q, k, v slices from one LoRA, v again from a second one
+    "qkv_slices": lambda: fused_qkv(1280),
+    # Flux final_layer.adaLN_modulation [2 * W, W] at W = 1280, seen as diffusers norm_out (halves swapped)
+    "swap_halves": lambda: ((2 * 1280, 1280), [lora(2 * 1280, (1280,), 16, transform="swap_halves"), lora(2 * 1280, (1280,), 8)]),
     # OpenCLIP raw text_projection [1280, 1280], LoRA made on the transposed Linear
     "transpose": lambda: ((1280, 1024), [lora(1024, (1280,), 16, alpha=4.0, transform="transpose")]),
     # a LoRA, a LoHa, a LoKr and a full diff on one tensor: factors and materialised rows together
@@ -108,6 +122,16 @@ def test_kernel_matches_whole_tensor_math(case, stored_dtype, out_dtype):
     assert got_lost == pytest.approx(want_lost, abs=2e-3)
 
 
+def test_kernel_on_flux_qkv():
+    """The real FLUX.1 fused qkv [9216, 3072], stored and written in bf16 as FLUX checkpoints are."""
+    shape, patches = fused_qkv(3072)
+    stored = rnd(*shape).to(torch.bfloat16)
+    want, want_lost = reference(stored, patches, torch.bfloat16)
+    got, got_lost = kernel(stored, patches, torch.bfloat16)
+    close(got, want, torch.bfloat16)
+    assert got_lost == pytest.approx(want_lost, abs=2e-3)
+
+
 def test_untouched_rows_are_the_stored_bytes():
     stored = rnd(9216, 3072).to(torch.bfloat16)
     patches = [lora(3072, (3072,), 16, slice=RowSlice(3072, 3072))]
@@ -123,7 +147,7 @@ def test_one_product_for_all_loras():
     (seg,) = fold.fold(shape, patches, device=torch.device("cpu"))
     assert seg.up.shape == (1280, 16 + 64 + 128 + 128) and seg.down.shape == (16 + 64 + 128 + 128, 1280)
     assert seg.dense == ()
-    segs = fold.fold(*CASES["qkv_slices"](), device=torch.device("cpu"))
+    segs = fold.fold(*fused_qkv(3072), device=torch.device("cpu"))
     assert [(s.start, s.stop, s.up.shape[1]) for s in segs] == [(0, 3072, 16), (3072, 6144, 16), (6144, 9216, 20)]
     assert fold.fold(*CASES["dora_between"](), device=torch.device("cpu")) is None
 

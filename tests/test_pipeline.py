@@ -15,10 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from lorabake import bake_kernel, pipeline, rounding
-from lorabake.types import RowSlice
 from tests.cli_helpers import run_main
 from tests.test_bake_kernel import CASES as KERNEL_CASES
-from tests.test_bake_kernel import lora, rnd
+from tests.test_bake_kernel import fused_qkv, lora, rnd
 from tests.test_merge import CASES as MERGE_CASES
 from tests.test_merge import build_case
 
@@ -50,21 +49,11 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
     assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
-# The kernel's cases (real shapes, checked against whole-tensor math in test_bake_kernel), with the two
-# FLUX-width ones at SDXL width 1280: the same slices (three equal bands, v patched twice) and halves, 5.7x
-# and 7.5x fewer values, still more than one noise chunk (rounding._CHUNK) for the stochastic tests and
-# with slice edges inside the 3-row blocks. One real-shape FLUX qkv case stays (test_host_pipeline_on_flux_qkv).
-W = 1280
-CASES = {
-    **KERNEL_CASES,
-    "qkv_slices": lambda: (
-        (3 * W, W),
-        [lora(W, (W,), 16, slice=RowSlice(0, W)), lora(W, (W,), 16, slice=RowSlice(W, W)),
-         lora(W, (W,), 16, slice=RowSlice(2 * W, W)), lora(W, (W,), 4, slice=RowSlice(2 * W, W), strength=2.0)],
-    ),
-    "swap_halves": lambda: ((2 * W, W), [lora(2 * W, (W,), 16, transform="swap_halves"), lora(2 * W, (W,), 8)]),
-}
-assert CASES.keys() == KERNEL_CASES.keys()
+# The kernel's cases (real shapes, checked against whole-tensor math in test_bake_kernel; FLUX's fused qkv
+# and swapped halves at SDXL width 1280, still more than one noise chunk (rounding._CHUNK) for the
+# stochastic tests and with slice edges inside the 3-row blocks). One real-shape FLUX qkv case stays
+# (test_host_pipeline_on_flux_qkv).
+CASES = KERNEL_CASES
 
 
 DTYPES = [(torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
@@ -85,7 +74,7 @@ def test_host_pipeline_is_the_plain_kernel_bit_for_bit(case, stored_dtype, out_d
 
 def test_host_pipeline_on_flux_qkv():
     """The kernel's real-shape FLUX.1 fused qkv [9216, 3072], three slices and v twice, narrowed fp32 -> bf16."""
-    shape, patches = KERNEL_CASES["qkv_slices"]()
+    shape, patches = fused_qkv(3072)
     assert shape == (9216, 3072)
     stored = rnd(*shape)
     want, want_lost = plain(stored, patches, torch.bfloat16)
