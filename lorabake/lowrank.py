@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from lorabake import svd
+from lorabake.adapters.base import exact_factors
 
 Tensor = torch.Tensor
 
@@ -41,10 +42,7 @@ def stack(terms: Sequence[tuple[float, Tensor, Tensor]]) -> tuple[Tensor, Tensor
 
 def factor_dense(dw: Tensor) -> tuple[Tensor, Tensor]:
     """up @ down = dw [out, n] exactly (to fp64 rounding): its SVD cut at the numerical rank, √σ each side."""
-    u, s, vh = torch.linalg.svd(dw.double(), full_matrices=False)
-    keep = max(1, int((s > s[0] * max(dw.shape) * torch.finfo(torch.float64).eps).sum())) if s.numel() else 1
-    root = torch.sqrt(s[:keep])
-    return (u[:, :keep] * root).to(dw.dtype), (root[:, None] * vh[:keep]).to(dw.dtype)
+    return exact_factors(dw)
 
 
 def product_spectrum(up: Tensor, down: Tensor) -> svd.Spectrum:

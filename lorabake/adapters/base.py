@@ -156,3 +156,14 @@ def check_rank(algo: str, part: str, rank: int) -> int:
     if rank < 1:
         raise fault(algo, f"{part} gives rank {rank}; a rank must be at least 1", part)
     return rank
+
+
+def exact_factors(w):
+    """(up, down) with up @ down = w [out, n] exactly (to fp64 rounding): w's SVD cut at its
+    numerical rank (singular values at or under its rounding noise dropped), √σ on each side."""
+    import torch
+
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    keep = max(1, int((s > s[0] * max(w.shape) * torch.finfo(torch.float64).eps).sum())) if s.numel() else 1
+    root = torch.sqrt(s[:keep])
+    return (u[:, :keep] * root).to(w.dtype), (root[:, None] * vh[:keep]).to(w.dtype)

@@ -19,6 +19,7 @@ from lorabake.adapters.base import (
     Suffix,
     Tensor,
     check_rank,
+    exact_factors,
     fault,
     ndim_in,
     need,
@@ -111,18 +112,9 @@ def factors(p: Mapping[str, Tensor]) -> tuple[Tensor, Tensor] | None:
 
     if "lokr_t2" in p:
         return None
-    u1, v1 = (p["lokr_w1_a"], p["lokr_w1_b"]) if "lokr_w1" not in p else _split(p["lokr_w1"])
-    u2, v2 = (flat(p["lokr_w2_a"]), flat(p["lokr_w2_b"])) if "lokr_w2" not in p else _split(flat(p["lokr_w2"]))
+    u1, v1 = (p["lokr_w1_a"], p["lokr_w1_b"]) if "lokr_w1" not in p else exact_factors(p["lokr_w1"])
+    u2, v2 = (flat(p["lokr_w2_a"]), flat(p["lokr_w2_b"])) if "lokr_w2" not in p else exact_factors(flat(p["lokr_w2"]))
     return torch.kron(u1.contiguous(), u2.contiguous()), torch.kron(v1.contiguous(), v2.contiguous())
-
-
-def _split(w: Tensor) -> tuple[Tensor, Tensor]:
-    """w = u @ v exactly (to fp64 rounding): the SVD, singular values at or under w's rounding noise dropped."""
-    import torch
-
-    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
-    keep = max(1, int((s > s[0] * max(w.shape) * torch.finfo(torch.float64).eps).sum())) if s.numel() else 1
-    return (u[:, :keep] * s[:keep]).to(w.dtype), vh[:keep].to(w.dtype)
 
 
 # --------------------------------------------------------------------------------------------
