@@ -68,8 +68,11 @@ def bake(baker, name: str, windows: list[Window], reads: Iterator, writer) -> No
     if baker.opts.rounding == "stochastic" and torch.finfo(dt).bits < 32:
         noise = rounding.NoiseStream(rounding.seed_of(name), rows * cols, dt)  # one stream, read in row order
     parts = []
+    row_bytes = info.nbytes // rows
     for a, b in windows:
-        _name, _start, buf = next(reads)
+        got, start, buf = next(reads)
+        if (got, start, len(buf)) != (name, a * row_bytes, (b - a) * row_bytes):  # `pieces` and this loop disagree
+            raise RuntimeError(f"read-ahead gave {got!r} bytes [{start}, +{len(buf)}) for rows [{a}, {b}) of {name!r}")
         stored = torch.frombuffer(buf, dtype=dt).reshape(b - a, *info.shape[1:])
         rows_codec = bake_kernel.FloatRows(stored, dt, rounding_mode=baker.opts.rounding, seed_key=name, first_row=a, noise=noise)
         codec = baker.guarded(name, rows_codec, info.dtype)

@@ -109,7 +109,7 @@ def _libc_sync_file_range():
         import ctypes
 
         fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):  # not Linux: the final fsync does all the work
+    except (OSError, AttributeError, TypeError):  # not Linux: the final fsync does all the work
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     return fn

@@ -177,6 +177,11 @@ class SafetensorsWriter:
         if self._file is None or self._next >= len(self.entries) or self.entries[self._next][0] != name:
             raise WriterProtocolError(f"out of order: expected {self.next_name!r} next", path=self.target, tensor=name)
         if isinstance(data, torch.Tensor):
+            tag = self.entries[self._next][1]
+            if dtypes.tag_of(data.dtype) != tag:
+                raise WriterProtocolError(
+                    f"dtype {dtypes.tag_of(data.dtype)} differs from the declared {tag}", path=self.target, tensor=name
+                )
             data = tensor_bytes(data)
         start, end = self.spans[self._next]
         size = data.nbytes if isinstance(data, memoryview) else len(data)

@@ -129,6 +129,8 @@ def test_write_part_keeps_the_declared_layout(tmp_path):
             w.write("a", rows)
         with pytest.raises(WriterProtocolError, match="expected 'a'"):
             w.write_part("b", torch.zeros(2, dtype=torch.float16))
+        with pytest.raises(WriterProtocolError, match="dtype F32 differs from the declared F16"):
+            w.write_part("a", rows[1:].float())
         with pytest.raises(WriterProtocolError, match="26 bytes given, 24 declared"):
             w.write_part("a", torch.zeros(10, dtype=torch.float16))
         w.write_part("a", rows[1:])
