@@ -177,6 +177,15 @@ def bake_rows(
     workers: int = 1,
 ) -> rounding.LostDelta:
     """Rows [start, stop) of a folded tensor (`codec` may hold just those rows); their statistic."""
+    if not codec.parallel:  # stochastic rounding reads its noise in row order: segment after segment
+        parts = []
+        for seg in segments:
+            a, b = max(seg.start, start), min(seg.stop, stop)
+            if a < b and not seg.touched:
+                codec.keep(a, b)
+            elif a < b:
+                parts.append(_bake_blocks(codec, grid_blocks([seg], a, b, _step(codec.cols)), device))
+        return rounding.LostDelta.combine(parts)
     for seg in segments:
         if not seg.touched and max(seg.start, start) < min(seg.stop, stop):
             codec.keep(max(seg.start, start), min(seg.stop, stop))  # elementwise: any cut gives the same bytes

@@ -253,3 +253,15 @@ def test_sampled_statistic_estimates_the_exact_one(case, monkeypatch):
 def test_sampled_cells_are_one_in_four_on_the_grid(monkeypatch):
     monkeypatch.setattr(bake_kernel, "SAMPLE_EVERY", 4)
     assert [a for a in range(0, 400, 10) if bake_kernel.sampled(a, 25)] == [0, 10, 20, 100, 110, 120, 200, 210, 220, 300, 310, 320]
+
+
+def test_stochastic_cast_of_a_partly_patched_fused_tensor_reads_its_noise_in_row_order():
+    """fp32 → bf16 with stochastic rounding, a LoRA on the middle band only: the untouched bands are
+    re-encoded too, and every row takes the noise `cast_to` gives it (this raised out-of-order before)."""
+    stored = rnd(1920, 640)
+    patches = [lora(640, (640,), 8, slice=RowSlice(640, 640))]
+    got, _ = kernel(stored, patches, torch.bfloat16, mode="stochastic", key="qkv")
+    want = rounding.cast_to(stored, "BF16", mode="stochastic", seed_key="qkv")
+    for band in (slice(0, 640), slice(1280, 1920)):  # not patched: exactly the plain stochastic cast
+        assert torch.equal(got[band].view(torch.int16), want[band].view(torch.int16))
+    assert not torch.equal(got[640:1280], want[640:1280])
